@@ -1,0 +1,1 @@
+"""Command-line wrappers over ``flowrl_megatron.conversion``."""

@@ -1,0 +1,3 @@
+"""FlowRL post-training on Megatron-core with vLLM rollouts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Load and save the weights of a live (possibly TP/PP-sharded) Megatron model.
+
+Goes through megatron-core's ``dist_checkpointing``, so a checkpoint written at one layout
+loads at any other. Callers must run under ``if __name__ == "__main__":``: the writer
+starts processes with spawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+
+def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    state = dist_checkpointing.load(sharded_state_dict=model.sharded_state_dict(), checkpoint_dir=str(ckpt_dir))
+    model.load_state_dict(state)
+
+
+def save_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded_state_dict=model.sharded_state_dict(), checkpoint_dir=str(ckpt_dir))

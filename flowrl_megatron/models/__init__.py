@@ -1,0 +1,1 @@
+"""Model architecture description and Megatron model builders."""

@@ -1,0 +1,103 @@
+"""Build a Megatron GPTModel from a ``ModelArch`` for the current parallel layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import ModuleSpec, TransformerConfig
+
+from flowrl_megatron.models.arch import ModelArch
+
+
+def transformer_engine_available() -> bool:
+    """The TE layer spec is used only when TE imports and there is a GPU to run it."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(arch: ModelArch, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Megatron's config for ``arch`` on the layout set up in ``parallel_state``."""
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+    )
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+) -> GPTModel:
+    """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits."""
+    model = GPTModel(
+        config=transformer_config(arch, params_dtype),
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Megatron's boolean mask (True = masked) of shape [1, 1, s, s].
+
+    Always passed explicitly: megatron-core's implicit default builds it on CUDA.
+    """
+    ones = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    return torch.triu(ones, diagonal=1)[None, None]

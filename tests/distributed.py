@@ -7,6 +7,7 @@ rank; a run that exceeds its time limit is killed as a whole process group, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +56,8 @@ def run_distributed(target: str, nproc: int, timeout: float = 300, **kwargs: Any
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            kill_tree(proc.pid)
+            output, _ = proc.communicate(timeout=30)
             raise DistributedFailure(
                 f"{target} on {nproc} ranks timed out after {timeout:.0f}s and was killed.\n"
                 + _rank_errors(Path(result_dir), nproc)
@@ -69,15 +72,35 @@ def run_distributed(target: str, nproc: int, timeout: float = 300, **kwargs: Any
         return [json.loads((Path(result_dir) / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts workers in their own sessions)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+
+
 def _rank_errors(result_dir: Path, nproc: int) -> str:
+    """Each rank's traceback, earliest first: later ones are often consequences (a peer vanished)."""
+    errors = sorted((result_dir / f"rank{r}.error" for r in range(nproc)), key=_mtime)
     parts = []
+    for i, err in enumerate(e for e in errors if e.exists()):
+        rank = err.stem.removeprefix("rank")
+        label = "first failure" if i == 0 else "later, possibly a consequence"
+        parts.append(f"--- rank {rank} raised ({label}) ---\n{err.read_text()}")
     for r in range(nproc):
-        err = result_dir / f"rank{r}.error"
-        if err.exists():
-            parts.append(f"--- rank {r} raised ---\n{err.read_text()}")
-        elif not (result_dir / f"rank{r}.json").exists():
+        if not (result_dir / f"rank{r}.error").exists() and not (result_dir / f"rank{r}.json").exists():
             parts.append(f"--- rank {r}: no result (killed, hung or stopped by another rank's failure) ---")
     return "\n".join(parts) + "\n"
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime_ns if path.exists() else float("inf")
 
 
 def _tail(output: str, lines: int = 40) -> str:

@@ -34,7 +34,10 @@ from flowrl_megatron.conversion.hf_io import HFReader, HFShardWriter, copy_side_
 from flowrl_megatron.conversion.mapping import (
     EXTRA_STATE_MODULES,
     LAYER_PREFIX,
+    CheckpointChunk,
     WeightRule,
+    checkpoint_chunks,
+    global_shape,
     megatron_shape,
     to_hf,
     to_megatron,
@@ -107,43 +110,31 @@ def hf_to_megatron(
 
     progress = tqdm(desc="hf -> megatron", unit="chunk", disable=None)
 
-    def producer(rule: WeightRule, layer: int | None, axis: int | None, start: int, size: int):
+    def producer(rule: WeightRule, chunk: CheckpointChunk):
         def produce() -> torch.Tensor:
             progress.update()
-            t = full_tensor(rule, layer)
-            if axis is not None:
-                t = t.narrow(axis, start, size)
-            return (t.unsqueeze(0) if layer is not None else t).clone()
+            t = full_tensor(rule, chunk.layer)
+            if rule.tp_axis is not None:
+                t = t.narrow(rule.tp_axis, chunk.start, chunk.sizes[rule.tp_axis + rule.per_layer])
+            return (t.unsqueeze(0) if rule.per_layer else t).clone()
 
         return produce
 
-    chunks: list[TensorChunk] = []
-    layer_rules = [r for r in rules if r.per_layer]
-    for layer in [None, *range(arch.num_layers)]:
-        for rule in rules if layer is None else layer_rules:
-            if rule.per_layer != (layer is not None):
-                continue
-            shape = megatron_shape(rule, arch)
-            n = rule.tp_chunks(tp)
-            axis = rule.tp_axis
-            step = shape[axis] // n if axis is not None else 0
-            for c in range(n):
-                sizes = list(shape)
-                offsets = [0] * len(shape)
-                if axis is not None:
-                    sizes[axis], offsets[axis] = step, c * step
-                if layer is not None:
-                    sizes, offsets = [1, *sizes], [layer, *offsets]
-                chunks.append(
-                    TensorChunk(
-                        key=rule.key,
-                        offsets=tuple(offsets),
-                        sizes=tuple(sizes),
-                        global_size=((arch.num_layers,) if layer is not None else ()) + shape,
-                        dtype=out_dtype,
-                        produce=producer(rule, layer, axis, c * step, step),
-                    )
-                )
+    chunks = [
+        TensorChunk(
+            key=rule.key,
+            offsets=c.offsets,
+            sizes=c.sizes,
+            global_size=global_shape(rule, arch),
+            dtype=out_dtype,
+            produce=producer(rule, c),
+        )
+        for layer in [None, *range(arch.num_layers)]
+        for rule in rules
+        if rule.per_layer == (layer is not None)
+        for c in checkpoint_chunks(rule, arch, tp)
+        if c.layer == layer
+    ]
     objects = {
         f"{LAYER_PREFIX}{m}._extra_state/shard_{layer}_{arch.num_layers}": extra_state_bytes()
         for layer in range(arch.num_layers)
@@ -181,7 +172,7 @@ def megatron_to_hf(
     reader = DistCheckpointReader(src)
     rules = weight_rules(arch)
     for rule in rules:
-        expected = ((arch.num_layers,) if rule.per_layer else ()) + megatron_shape(rule, arch)
+        expected = global_shape(rule, arch)
         if reader.shape(rule.key) != expected:
             raise UserError(
                 f"{rule.key} has shape {reader.shape(rule.key)} in {src} but {expected} per "

@@ -157,6 +157,38 @@ def megatron_shape(rule: WeightRule, arch: ModelArch) -> tuple[int, ...]:
     return shapes[rule.key]
 
 
+def global_shape(rule: WeightRule, arch: ModelArch) -> tuple[int, ...]:
+    """Shape of the tensor in the distributed checkpoint (with the leading layer axis if per layer)."""
+    return ((arch.num_layers,) if rule.per_layer else ()) + megatron_shape(rule, arch)
+
+
+@dataclass(frozen=True)
+class CheckpointChunk:
+    """One stored piece of ``rule``'s global tensor: one TP part of one layer."""
+
+    layer: int | None
+    offsets: tuple[int, ...]  # in the global tensor
+    sizes: tuple[int, ...]
+    start: int  # start of the piece along ``rule.tp_axis`` of the per-layer tensor
+
+
+def checkpoint_chunks(rule: WeightRule, arch: ModelArch, tp: int) -> list[CheckpointChunk]:
+    """How megatron-core at TP=``tp`` stores ``rule``'s tensor: the pieces its main replicas write."""
+    shape = megatron_shape(rule, arch)
+    n = rule.tp_chunks(tp)
+    step = shape[rule.tp_axis] // n if rule.tp_axis is not None else 0
+    chunks = []
+    for layer in range(arch.num_layers) if rule.per_layer else [None]:
+        for c in range(n):
+            sizes, offsets = list(shape), [0] * len(shape)
+            if rule.tp_axis is not None:
+                sizes[rule.tp_axis], offsets[rule.tp_axis] = step, c * step
+            if layer is not None:
+                sizes, offsets = [1, *sizes], [layer, *offsets]
+            chunks.append(CheckpointChunk(layer, tuple(offsets), tuple(sizes), c * step))
+    return chunks
+
+
 def to_megatron(rule: WeightRule, arch: ModelArch, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
     """Hugging Face tensor(s) -> one full Megatron tensor (per layer, without the layer axis)."""
     if rule.kind == "copy":

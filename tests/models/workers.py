@@ -64,7 +64,7 @@ def save_live_model(ckpt_in: str, ckpt_out: str, tp: int, pp: int) -> None:
 
 
 def sharded_layout(config_dir: str, tp: int, pp: int) -> dict[str, list]:
-    """Megatron's own checkpoint keys, global shapes and chunking for this rank's model part."""
+    """The pieces this rank's model part declares as main replicas: key -> [[global shape, offsets, sizes]]."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
     from flowrl_megatron.models.arch import load_arch
@@ -78,15 +78,10 @@ def sharded_layout(config_dir: str, tp: int, pp: int) -> dict[str, list]:
         if isinstance(v, ShardedTensorFactory):
             v = v.build_fn(v.key, v.data, v.replica_id, None)
         for sh in v if isinstance(v, list) else [v]:
-            if isinstance(sh, ShardedTensor):
-                found.setdefault(sh.key, []).append(
-                    [
-                        list(sh.global_shape),
-                        list(sh.global_offset),
-                        list(sh.local_shape),
-                        sh.replica_id == (0, 0, 0) or all(r == 0 for r in sh.replica_id),
-                    ]
-                )
-            elif isinstance(sh, ShardedObject):
+            main = all(r == 0 for r in sh.replica_id) if isinstance(sh.replica_id, tuple) else sh.replica_id == 0
+            if isinstance(sh, ShardedObject):
                 found.setdefault(sh.unique_key, []).append("object")
+            elif isinstance(sh, ShardedTensor) and main:
+                sizes = [1] * sh.prepend_axis_num + list(sh.local_shape)
+                found.setdefault(sh.key, []).append([list(sh.global_shape), list(sh.global_offset), sizes])
     return found

@@ -73,17 +73,15 @@ def atomic_output_dir(output: str | Path) -> Iterator[Path]:
 def _check_hf_shapes(reader: HFReader, arch: ModelArch, rules: list[WeightRule]) -> None:
     """Fail before writing anything if a tensor is missing or its shape contradicts config.json."""
     for rule in rules:
-        layers = range(arch.num_layers) if rule.per_layer else [None]
-        expected = megatron_shape(rule, arch)
-        for layer in layers:
-            names = rule.hf_names(layer)
-            shapes = [reader.shape(n) for n in names]
-            fused = to_megatron(rule, arch, [torch.empty(s, device="meta") for s in shapes]).shape
-            if tuple(fused) != expected:
-                raise UserError(
-                    f"tensors {', '.join(names)} have shapes {shapes}, which do not match config.json "
-                    f"(expected {expected} after fusing); the weights and config.json are from different models."
-                )
+        meta = torch.empty(megatron_shape(rule, arch), device="meta")
+        expected = [tuple(t.shape) for t in to_hf(rule, arch, meta)]
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            for name, want in zip(rule.hf_names(layer), expected, strict=True):
+                if reader.shape(name) != want:
+                    raise UserError(
+                        f"tensor {name!r} has shape {reader.shape(name)} but config.json implies {want}; "
+                        "the weights and config.json are from different models."
+                    )
 
 
 def hf_to_megatron(
@@ -162,6 +160,7 @@ def megatron_to_hf(
     Only the weights the mapping names are read: the Z head and optimizer state are dropped.
     """
     src = Path(input_dir)
+    reader = DistCheckpointReader(src)
     side_dir = Path(hf_config_dir) if hf_config_dir else src / HF_SUBDIR
     if not (side_dir / "config.json").is_file():
         raise UserError(
@@ -169,7 +168,6 @@ def megatron_to_hf(
             "original Hugging Face model's config and tokenizer files."
         )
     arch = arch_from_hf_config(load_hf_config(side_dir))
-    reader = DistCheckpointReader(src)
     rules = weight_rules(arch)
     for rule in rules:
         expected = global_shape(rule, arch)

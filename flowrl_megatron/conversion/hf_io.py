@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,7 +53,6 @@ class HFReader:
         for file in sorted(set(self.weight_map.values())):
             if not (self.dir / file).is_file():
                 raise UserError(f"{self.dir / file} listed in {INDEX_NAME} is missing; download the complete model.")
-        self._handles: dict[str, object] = {}
 
     def _open(self, file: str):
         path = self.dir / file
@@ -64,29 +64,25 @@ class HFReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _handle(self, name: str):
+    def _read(self, name: str, what: Callable):
+        """Open, read and close: a kept-open handle keeps every page read through its mmap resident."""
         if name not in self.weight_map:
-            raise UserError(
-                f"tensor {name!r} is missing from {self.dir}; the checkpoint does not match its config.json."
-            )
+            raise UserError(f"tensor {name!r} is missing from {self.dir}; the weights do not match config.json.")
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(file)
-        return self._handles[file]
+        try:
+            with self._open(file) as handle:
+                return what(handle)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"cannot read {name!r} from {self.dir / file} ({e}); re-download the file.") from e
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(
-                f"cannot read {name!r} from {self.dir / self.weight_map[name]} ({e}); re-download the file."
-            ) from e
+        return self._read(name, lambda h: h.get_tensor(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._read(name, lambda h: tuple(h.get_slice(name).get_shape()))
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._handle(name).get_slice(name)[0:1].dtype
+        return self._read(name, lambda h: h.get_slice(name)[0:1].dtype)
 
 
 class HFShardWriter:

@@ -15,3 +15,9 @@ def tiny_untied(tmp_path_factory) -> Path:
 def tiny_tied(tmp_path_factory) -> Path:
     """As ``tiny_untied`` but with tied input/output embeddings (no lm_head tensor in the file)."""
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied"), tie_embeddings=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama: the same shapes as ``tiny_untied`` without QKV bias."""
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_llama"), family="llama", seed=3)

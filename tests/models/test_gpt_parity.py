@@ -23,10 +23,13 @@ def hf_logits(model_dir) -> torch.Tensor:
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("model", "tp", "pp"),
-    [("untied", 1, 1), ("untied", 2, 1), ("untied", 1, 2), ("untied", 2, 2), ("tied", 1, 1), ("tied", 2, 2)],
+    [
+        ("tiny_untied", 1, 1), ("tiny_untied", 2, 1), ("tiny_untied", 1, 2), ("tiny_untied", 2, 2),
+        ("tiny_tied", 1, 1), ("tiny_tied", 2, 2), ("tiny_llama", 2, 1),
+    ],
 )
-def test_logits_match_transformers(model, tp, pp, tiny_untied, tiny_tied, tmp_path):
-    src = tiny_untied if model == "untied" else tiny_tied
+def test_logits_match_transformers(model, tp, pp, request, tmp_path):
+    src = request.getfixturevalue(model)
     ckpt = hf_to_megatron(src, tmp_path / "ckpt", tp=tp, pp=pp)
     out = tmp_path / "logits.pt"
     run_distributed(

@@ -1,0 +1,143 @@
+"""FlowRL and the clipped-surrogate baselines (GRPO, REINFORCE++), on per-token log-probs.
+
+Every loss returns ``(sum of per-unit losses, number of units, stats)``. The unit is the
+sequence for FlowRL (the paper's sequence-mean aggregation) and the response token for the
+clipped surrogate (token-mean over the batch). megatron-core's schedule is run with
+``calculate_per_token_loss`` so the sums and counts are added over micro-batches and
+data-parallel ranks before dividing: the gradient is the same for any micro-batch size,
+micro-batch count or DP size.
+
+Stats keys say how they aggregate: ``seq/`` (mean over sequences), ``tok/`` (mean over
+response tokens), ``max/`` (maximum); values are sums (or maxima) over the micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
+
+Algorithm = Literal["flowrl", "grpo", "reinforce_pp"]
+ImportanceWeight = Literal["clip", "cap", "none"]
+RewardNormalization = Literal["group", "batch", "none"]
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Algorithm = "flowrl"
+    beta: float = 15.0  # FlowRL reward temperature (paper's best; the authors' code hard-codes 15)
+    importance_weight: ImportanceWeight = "clip"  # paper: clip; authors' current code: cap; at publication: none
+    clip_eps: float = 0.2
+    weight_cap: float = 10.0
+    # None = the algorithm's own: group for FlowRL and GRPO, batch for REINFORCE++.
+    reward_normalization: RewardNormalization | None = None
+    kl_coef: float = 0.0  # GRPO / REINFORCE++ only: k3 KL-to-reference penalty per token
+
+    @property
+    def normalization(self) -> RewardNormalization:
+        if self.reward_normalization is not None:
+            return self.reward_normalization
+        return "batch" if self.name == "reinforce_pp" else "group"
+
+    @property
+    def needs_log_z(self) -> bool:
+        return self.name == "flowrl"
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch, token-aligned: position t holds log p(token_t | tokens < t)."""
+
+    logprobs: torch.Tensor  # [b, s] float32, current policy (differentiable)
+    entropy: torch.Tensor  # [b, s]
+    old_logprobs: torch.Tensor  # [b, s] policy that generated the samples
+    ref_logprobs: torch.Tensor  # [b, s] frozen reference
+    response_mask: torch.Tensor  # [b, s] bool: response tokens
+    advantages: torch.Tensor  # [b] normalised rewards (r_hat)
+    log_z: torch.Tensor | None = None  # [b] FlowRL partition function of each prompt
+
+
+def normalize_rewards(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The whole global batch's rewards -> the per-sequence advantage the loss uses."""
+    if cfg.normalization == "group":
+        return group_normalized(rewards, group_ids)
+    if cfg.normalization == "batch":
+        return batch_normalized(rewards)
+    return rewards.float()
+
+
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum(-1)
+
+
+def importance_weight(cfg: AlgorithmConfig, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-level ``pi/pi_old`` (detached), transformed per the variant; also whether it was clipped."""
+    w = log_w.detach().exp()
+    if cfg.importance_weight == "clip":
+        used = w.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    elif cfg.importance_weight == "cap":
+        used = w.clamp(max=cfg.weight_cap)
+    else:
+        used = w
+    return used, used != w
+
+
+def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Trajectory balance: ``w * (log Z + mean log pi - beta * r_hat - mean log pi_ref)^2`` per sequence."""
+    if x.log_z is None:
+        raise ValueError("FlowRL needs log Z: build the policy with a Z head and pass the prompt mask.")
+    mask = x.response_mask.float()
+    n_tok = mask.sum(-1).clamp(min=1)
+    mean_logp = _masked_sum(x.logprobs, mask) / n_tok
+    mean_ref = _masked_sum(x.ref_logprobs, mask) / n_tok
+    residual = x.log_z + mean_logp - cfg.beta * x.advantages - mean_ref
+    w, clipped = importance_weight(cfg, _masked_sum(x.logprobs - x.old_logprobs, mask))
+    per_seq = w * residual.pow(2)
+    stats = {
+        "seq/loss": per_seq.detach().sum(),
+        "seq/log_z": x.log_z.detach().sum(),
+        "seq/residual": residual.detach().sum(),
+        "seq/residual_sq": residual.detach().pow(2).sum(),
+        "seq/importance_weight": w.sum(),
+        "max/importance_weight": w.max(),
+        "seq/clip_fraction": clipped.float().sum(),
+        "seq/policy_logprob": mean_logp.detach().sum(),
+        "seq/ref_logprob": mean_ref.detach().sum(),
+        "tok/entropy": _masked_sum(x.entropy.detach(), mask).sum(),
+    }
+    return per_seq.sum(), torch.tensor(per_seq.numel(), dtype=torch.int), stats
+
+
+def clipped_surrogate_loss(
+    cfg: AlgorithmConfig, x: LossInputs
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clipped token-level surrogate with a sequence advantage (GRPO, REINFORCE++), token-mean."""
+    mask = x.response_mask.float()
+    log_ratio = x.logprobs - x.old_logprobs
+    ratio = log_ratio.exp()
+    adv = x.advantages.unsqueeze(-1)
+    clipped_ratio = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    per_tok = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    stats: dict[str, torch.Tensor] = {}
+    if cfg.kl_coef:
+        d = x.ref_logprobs - x.logprobs
+        kl = d.exp() - d - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+        per_tok = per_tok + cfg.kl_coef * kl
+        stats["tok/kl_ref"] = _masked_sum(kl.detach(), mask).sum()
+    total = _masked_sum(per_tok, mask).sum()
+    stats.update({
+        "tok/loss": total.detach(),
+        "tok/ratio": _masked_sum(ratio.detach(), mask).sum(),
+        "max/ratio": (ratio.detach() * mask).max(),
+        "tok/clip_fraction": _masked_sum((ratio != clipped_ratio).float(), mask).sum(),
+        "tok/entropy": _masked_sum(x.entropy.detach(), mask).sum(),
+        "seq/policy_logprob": (_masked_sum(x.logprobs.detach(), mask) / mask.sum(-1).clamp(min=1)).sum(),
+    })
+    return total, mask.sum().to(torch.int), stats
+
+
+def policy_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    return flowrl_loss(cfg, x) if cfg.name == "flowrl" else clipped_surrogate_loss(cfg, x)

@@ -1,0 +1,113 @@
+"""Loss gradients equal hand-derived float64 formulas; reward normalisation matches its definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
+from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
+
+
+def random_inputs(seed: int = 0, b: int = 6, s: int = 9) -> LossInputs:
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(b, s, generator=g, dtype=torch.float64) * 3
+    mask = torch.rand(b, s, generator=g) > 0.3
+    mask[:, 0] = False
+    mask[:, 1] = True
+    # Old log-probs close to the current ones so that sequence weights fall on both sides of the clip range.
+    old = lp + torch.randn(b, s, generator=g, dtype=torch.float64) * 0.08
+    return LossInputs(
+        logprobs=lp.requires_grad_(True),
+        entropy=torch.rand(b, s, generator=g, dtype=torch.float64),
+        old_logprobs=old,
+        ref_logprobs=-torch.rand(b, s, generator=g, dtype=torch.float64) * 3,
+        response_mask=mask,
+        advantages=torch.randn(b, generator=g, dtype=torch.float64),
+        log_z=torch.randn(b, generator=g, dtype=torch.float64).requires_grad_(True),
+    )
+
+
+@pytest.mark.parametrize("variant", ["clip", "cap", "none"])
+def test_flowrl_gradient_matches_hand_derivation(variant):
+    cfg = AlgorithmConfig(name="flowrl", importance_weight=variant, beta=15.0, clip_eps=0.2, weight_cap=1.05)
+    x = random_inputs()
+    total, count, _ = policy_loss(cfg, x)
+    (total / count).backward()
+
+    m = x.response_mask.double()
+    n = m.sum(-1)
+    lp, old, ref = x.logprobs.detach(), x.old_logprobs, x.ref_logprobs
+    residual = x.log_z.detach() + (lp * m).sum(-1) / n - 15.0 * x.advantages - (ref * m).sum(-1) / n
+    w = torch.exp(((lp - old) * m).sum(-1))
+    w = {"clip": w.clamp(0.8, 1.2), "cap": w.clamp(max=1.05), "none": w}[variant]
+    N = lp.shape[0]
+    want_lp = (2 / N) * (w * residual / n).unsqueeze(-1) * m  # d/d logp_it, the weight is a constant
+    want_z = (2 / N) * w * residual
+    assert torch.allclose(x.logprobs.grad, want_lp, atol=1e-12, rtol=0)
+    assert torch.allclose(x.log_z.grad, want_z, atol=1e-12, rtol=0)
+    assert torch.allclose(total / count, (w * residual**2).mean(), atol=1e-12)
+    if variant == "clip":  # the test is only meaningful if some weights were clipped and some were not
+        raw = torch.exp(((lp - old) * m).sum(-1))
+        assert ((raw < 0.8) | (raw > 1.2)).any() and ((raw >= 0.8) & (raw <= 1.2)).any()
+
+
+@pytest.mark.parametrize("name", ["grpo", "reinforce_pp"])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_clipped_surrogate_gradient_matches_hand_derivation(name, kl_coef):
+    cfg = AlgorithmConfig(name=name, clip_eps=0.05, kl_coef=kl_coef)
+    x = random_inputs(seed=1)
+    total, count, _ = policy_loss(cfg, x)
+    (total / count).backward()
+
+    m = x.response_mask.double()
+    lp, old, ref = x.logprobs.detach(), x.old_logprobs, x.ref_logprobs
+    ratio = torch.exp(lp - old)
+    a = x.advantages.unsqueeze(-1)
+    clipped_active = ((a > 0) & (ratio > 1.05)) | ((a < 0) & (ratio < 0.95))
+    grad = torch.where(clipped_active, torch.zeros_like(ratio), -a * ratio)
+    grad = grad + kl_coef * (1 - torch.exp(ref - lp))
+    want = grad * m / m.sum()
+    assert clipped_active[m.bool()].any() and (~clipped_active[m.bool()]).any()
+    assert torch.allclose(x.logprobs.grad, want, atol=1e-12, rtol=0)
+    assert count.item() == int(m.sum().item())
+
+
+def test_flowrl_loss_vanishes_at_its_target():
+    """If log pi - log pi_ref = beta * r_hat - log Z per token, every residual is 0."""
+    x = random_inputs(seed=2)
+    with torch.no_grad():
+        x.logprobs.copy_(x.ref_logprobs + (15.0 * x.advantages - x.log_z).unsqueeze(-1))
+    x.old_logprobs = x.logprobs.detach().clone()
+    total, _, stats = policy_loss(AlgorithmConfig(), x)
+    assert total.item() == pytest.approx(0.0, abs=1e-18)
+    assert stats["seq/importance_weight"].item() == pytest.approx(x.logprobs.shape[0])
+
+
+def test_group_normalization():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 2.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3])
+    r_hat = group_normalized(rewards, groups)
+    std0 = torch.tensor([1.0, 0.0, 0.0, 1.0]).std(unbiased=True).item()  # unbiased: sqrt(1/3)
+    assert std0 == pytest.approx(math.sqrt(1 / 3))
+    unit = 0.5 / (std0 + 1e-6)
+    assert r_hat[:4].tolist() == pytest.approx([unit, -unit, -unit, unit])
+    assert r_hat[4:6].tolist() == [0.0, 0.0]  # all equal: no signal
+    assert r_hat[6].item() == pytest.approx(-0.75 / (math.sqrt(1.125) + 1e-6))
+    assert r_hat[8].item() == 0.0  # a group of one
+
+
+def test_batch_normalization():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    want = (r - r.mean()) / (r.std(unbiased=True) + 1e-6)
+    assert torch.allclose(batch_normalized(r), want)
+    assert batch_normalized(torch.ones(4)).tolist() == [0.0] * 4
+
+
+def test_flowrl_without_log_z_is_a_clear_error():
+    x = random_inputs()
+    x.log_z = None
+    with pytest.raises(ValueError, match="FlowRL needs log Z"):
+        policy_loss(AlgorithmConfig(), x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -10,6 +12,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 
 from flowrl_megatron.models.arch import ModelArch
+from flowrl_megatron.models.policy import PolicyModel
+from flowrl_megatron.models.z_head import ZHeadConfig
 
 
 def transformer_engine_available() -> bool:
@@ -74,10 +78,18 @@ def build_gpt_model(
     arch: ModelArch,
     params_dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
+    z_head: ZHeadConfig | None = None,
+    calculate_per_token_loss: bool = False,
 ) -> GPTModel:
-    """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits."""
-    model = GPTModel(
-        config=transformer_config(arch, params_dtype),
+    """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits.
+
+    With ``z_head`` it is the FlowRL policy (``PolicyModel``); without, a plain GPTModel (reference).
+    """
+    config = transformer_config(arch, params_dtype)
+    config.calculate_per_token_loss = calculate_per_token_loss
+    model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
+    model = model_cls(
+        config=config,
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,

@@ -51,3 +51,66 @@ def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: floa
         "grad_scale": ref_grad.abs().max().item(),
         "padded_grad_zero": bool((local.grad[..., max(vocab_size - rank * width, 0):] == 0).all()),
     }
+
+
+def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: int = 4, seed: int = 0) -> dict:
+    """Prompt + response rows with uneven lengths, right-padded; rewards in groups of ``group_size``."""
+    from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, arch.vocab_size, (batch_size, seq_len), generator=g)
+    prompt_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    response_mask = torch.zeros_like(prompt_mask)
+    for r in range(batch_size):
+        p = 3 + r % 3
+        n = 2 + (5 * r) % 7
+        prompt_mask[r, :p] = True
+        response_mask[r, p : p + n] = True
+        tokens[r, p + n :] = 0
+    rewards = torch.randint(0, 2, (batch_size,), generator=g).float()
+    groups = torch.arange(batch_size) // group_size
+    return {
+        "tokens": tokens,
+        "prompt_mask": prompt_mask,
+        "response_mask": response_mask,
+        "old_logprobs": -torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
+        "ref_logprobs": -torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
+        "rewards": rewards,
+        "advantages": normalize_rewards(AlgorithmConfig(), rewards, groups),
+    }
+
+
+def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: str) -> None:
+    """Loss stats and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
+    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.conversion.gather import gather_hf_state
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.parallel import wrap_ddp
+    from flowrl_megatron.training.step import forward_backward
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    arch = load_arch(Path(ckpt) / "hf")
+    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True)
+    load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+    ddp = wrap_ddp(model)
+    batch = synthetic_batch(arch)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = batch["tokens"].shape[0] // dp
+    local = {k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items() if k != "rewards"}
+    result = {}
+    for name in ("flowrl", "grpo"):
+        ddp.zero_grad_buffer()
+        stats = forward_backward([ddp], local, AlgorithmConfig(name=name), micro_batch_size=micro_batch_size,
+                                 vocab_size=arch.vocab_size)
+        grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
+        result[name] = {"stats": stats, "grads": grads}
+    if torch.distributed.get_rank() == 0:
+        torch.save(result, out)

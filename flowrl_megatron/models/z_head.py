@@ -1,0 +1,53 @@
+"""FlowRL's learned partition function log Z(x): an MLP on the mean of the prompt's hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ZHeadConfig:
+    # paper: Linear-GELU-Linear-GELU-Linear. authors: each hidden block also has LayerNorm and Dropout(0.1).
+    variant: Literal["paper", "authors"] = "paper"
+    dropout: float = 0.1
+    # The authors' code lets the Z loss reach the LLM through the pooled states (detaching lowered accuracy).
+    detach_input: bool = False
+    lr_mult: float = 1.0
+    init_seed: int = 4321
+
+
+class ZHead(nn.Module):
+    def __init__(self, hidden_size: int, cfg: ZHeadConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for _ in range(2):
+            blocks += [nn.Linear(hidden_size, hidden_size, dtype=dtype), nn.GELU()]
+            if cfg.variant == "authors":
+                blocks += [nn.LayerNorm(hidden_size, dtype=dtype), nn.Dropout(cfg.dropout)]
+        blocks.append(nn.Linear(hidden_size, 1, dtype=dtype))
+        self.net = nn.Sequential(*blocks)
+        self.detach_input = cfg.detach_input
+        # Its own generator: the same initial head for every layout and seed of the global RNG.
+        generator = torch.Generator().manual_seed(cfg.init_seed)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                bound = 1 / hidden_size**0.5
+                with torch.no_grad():
+                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
+                    layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[b, h] pooled prompt states -> [b] log Z, in float32."""
+        if self.detach_input:
+            pooled = pooled.detach()
+        return self.net(pooled).squeeze(-1).float()
+
+
+def mean_pool(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [s, b, h] (Megatron's layout) over the positions where ``prompt_mask`` [b, s] is set."""
+    mask = prompt_mask.to(hidden.dtype).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+    return (hidden * mask).sum(0) / mask.sum(0).clamp(min=1)

@@ -1,0 +1,161 @@
+"""Policy updates and log-prob passes through megatron-core's pipeline schedule.
+
+A batch is a dict of tensors for this data-parallel rank, rows = samples (prompt then
+response, right-padded), token-aligned: position t of ``*_logprobs`` holds log p(token_t | <t).
+
+    tokens         [B, S] long
+    prompt_mask    [B, S] bool   the prompt's tokens (Z-head pooling)
+    response_mask  [B, S] bool   the response's tokens (the loss)
+    old_logprobs   [B, S] float  policy that sampled (importance weights)
+    ref_logprobs   [B, S] float  frozen reference
+    advantages     [B]    float  normalised rewards
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from flowrl_megatron.algorithms.logprobs import megatron_logprobs
+from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
+from flowrl_megatron.models.gpt import causal_attention_mask
+from flowrl_megatron.runtime import device
+
+
+def micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    size = batch["tokens"].shape[0]
+    if size % micro_batch_size:
+        raise ValueError(f"batch of {size} samples is not a multiple of micro_batch_size={micro_batch_size}")
+    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, size, micro_batch_size)]
+
+
+def _forward(model, mb: dict[str, torch.Tensor], with_log_z: bool):
+    ids = mb["tokens"]
+    b, s = ids.shape
+    positions = torch.arange(s, device=ids.device).expand(b, s)
+    kwargs = {"prompt_mask": mb["prompt_mask"]} if with_log_z else {}
+    return model(input_ids=ids, position_ids=positions, attention_mask=causal_attention_mask(s, ids.device), **kwargs)
+
+
+def _token_logprobs(logits, tokens, vocab_size: int, temperature: float):
+    """Log-prob of token t from the logits at t-1, placed at position t (position 0 is 0)."""
+    lp, ent = megatron_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size, temperature)
+    pad = lp.new_zeros(lp.shape[0], 1)
+    return torch.cat([pad, lp], dim=1), torch.cat([pad, ent], dim=1)
+
+
+def _run(model_chunks, batches: list[dict], step_fn, forward_only: bool) -> list:
+    seq_len = batches[0]["tokens"].shape[1]
+    return get_forward_backward_func()(
+        forward_step_func=step_fn,
+        data_iterator=iter(batches),
+        model=model_chunks,
+        num_microbatches=len(batches),
+        seq_length=seq_len,
+        micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+
+
+def forward_backward(
+    model_chunks: list,
+    batch: dict[str, torch.Tensor],
+    cfg: AlgorithmConfig,
+    *,
+    micro_batch_size: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Accumulate the loss gradient of ``batch`` (this DP rank's part of the global batch).
+
+    The loss is a sum over units divided by the number of units in the whole global batch
+    (``calculate_per_token_loss``), so gradients do not depend on how the batch is split.
+    Returns the global-batch statistics, identical on every rank.
+    """
+    if not model_chunks[0].config.calculate_per_token_loss:
+        raise ValueError("build the policy with calculate_per_token_loss=True for global-batch loss normalisation")
+
+    def step(data_iterator: Iterator, model):
+        mb = next(data_iterator)
+        out = _forward(model, mb, cfg.needs_log_z)
+
+        def loss_func(output):
+            logits, log_z = output if isinstance(output, tuple) else (output, None)
+            lp, ent = _token_logprobs(logits, mb["tokens"], vocab_size, temperature)
+            total, count, stats = policy_loss(cfg, LossInputs(
+                logprobs=lp, entropy=ent, old_logprobs=mb["old_logprobs"], ref_logprobs=mb["ref_logprobs"],
+                response_mask=mb["response_mask"], advantages=mb["advantages"], log_z=log_z,
+            ))
+            stats["count/sequences"] = torch.tensor(float(lp.shape[0]))
+            stats["count/tokens"] = mb["response_mask"].sum().float()
+            return total, count, stats
+
+        return out, loss_func
+
+    per_mb = _run(model_chunks, micro_batches(batch, micro_batch_size), step, forward_only=False)
+    return reduce_stats(per_mb)
+
+
+def forward_logprobs(
+    model_chunks: list,
+    batch: dict[str, torch.Tensor],
+    *,
+    micro_batch_size: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+) -> torch.Tensor | None:
+    """Per-token log-probs [B, S] of ``batch`` under the model (old or reference); on the last stage, else None."""
+
+    def step(data_iterator: Iterator, model):
+        mb = next(data_iterator)
+        out = _forward(model, mb, with_log_z=False)
+
+        def collect(output):
+            lp, _ = _token_logprobs(output, mb["tokens"], vocab_size, temperature)
+            return lp.sum() * 0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
+
+        return out, collect
+
+    with torch.no_grad():
+        per_mb = _run(model_chunks, micro_batches(batch, micro_batch_size), step, forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return torch.cat([d["logprobs"] for d in per_mb])
+
+
+def reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum (or max) micro-batch stats, reduce over data-parallel ranks, share from the last stage, divide."""
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    is_last = parallel_state.is_pipeline_last_stage()
+    keys = [sorted({k for d in per_mb for k in d}) if is_last else None]
+    dist.broadcast_object_list(keys, src=last, group=pp_group)
+    names: list[str] = keys[0]
+    values = torch.zeros(len(names), device=device())
+    if is_last:
+        is_max = torch.tensor([n.startswith("max/") for n in names], device=values.device)
+        for i, name in enumerate(names):
+            v = torch.stack([d[name].detach().float().reshape(()).to(values.device) for d in per_mb])
+            values[i] = v.max() if is_max[i] else v.sum()
+        maxima = values.clone()
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        values = torch.where(is_max, maxima, values)
+    dist.broadcast(values, src=last, group=pp_group)
+    totals = dict(zip(names, values.tolist(), strict=True))
+    out: dict[str, float] = {}
+    for key, v in totals.items():
+        kind, name = key.split("/", 1)
+        if kind == "seq":
+            out[name] = v / max(totals["count/sequences"], 1)
+        elif kind == "tok":
+            out[name] = v / max(totals["count/tokens"], 1)
+        elif kind == "max":
+            out[name + "_max"] = v
+        else:
+            out[key] = v
+    return out

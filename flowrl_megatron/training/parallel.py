@@ -55,3 +55,22 @@ def build_optimizer(
             max_lr=lr * z_head_lr_mult, min_lr=lr * z_head_lr_mult
         )
     return get_megatron_optimizer(config=config, model_chunks=model_chunks, config_overrides=overrides or None)
+
+
+def build_lr_scheduler(optimizer, *, lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.1):
+    """Linear warm-up from 0, then constant (the paper's schedule). Applies per-group ``max_lr`` overrides."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=max(total_steps, warmup_steps + 1),
+        lr_decay_style="constant",
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

@@ -85,3 +85,66 @@ def sharded_layout(config_dir: str, tp: int, pp: int) -> dict[str, list]:
                 sizes = [1] * sh.prepend_axis_num + list(sh.local_shape)
                 found.setdefault(sh.key, []).append([list(sh.global_shape), list(sh.global_offset), sizes])
     return found
+
+
+def policy_log_z(ckpt: str, tp: int, pp: int, tokens: list[list[int]], prompt_lengths: list[int], out: str,
+                 variant: str = "paper") -> None:
+    """log Z of each row from the policy's forward on the last stage (its prompt = the first prompt_lengths tokens)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    arch = load_arch(Path(ckpt) / "hf")
+    model = build_gpt_model(arch, z_head=ZHeadConfig(variant=variant), calculate_per_token_loss=True)
+    load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+    model.eval()
+    ids = torch.tensor(tokens)
+    b, s = ids.shape
+    prompt_mask = torch.arange(s)[None, :] < torch.tensor(prompt_lengths)[:, None]
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(input_ids=batch, position_ids=torch.arange(s).expand(b, s),
+                    attention_mask=causal_attention_mask(s), prompt_mask=prompt_mask)
+
+        def collect(output):
+            return output[1].sum() * 0, torch.tensor(1, dtype=torch.int), {"log_z": output[1].detach()}
+
+        return out, collect
+
+    with torch.no_grad():
+        res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=[model],
+                                          num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        torch.save(res[0]["log_z"], out)
+
+
+def policy_checkpoint_round_trip(ckpt: str, saved: str, tp: int, pp: int, save: bool) -> dict:
+    """Save a policy (after perturbing its Z head) or load it at another layout; return the Z head's checksum."""
+    import torch.distributed as dist
+
+    from flowrl_megatron.checkpoint import load_model_weights, save_model_weights
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    model = build_gpt_model(load_arch(Path(ckpt) / "hf"), z_head=ZHeadConfig())
+    if save:
+        load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+        if model.z_head is not None:
+            with torch.no_grad():
+                for p in model.z_head.parameters():
+                    p.mul_(-2.0).add_(0.5)  # differs from the seeded initialisation
+        save_model_weights(model, saved)
+    else:
+        load_model_weights(model, saved)
+    z = [p.double().sum().item() for p in model.z_head.parameters()] if model.z_head is not None else None
+    return {"rank": dist.get_rank(), "z_head": z}

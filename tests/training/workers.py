@@ -1,0 +1,31 @@
+"""Code that runs on every rank under torchrun (see tests.distributed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def z_head_learning_rates(ckpt: str, lr_mult: float) -> dict:
+    """Learning rates of the optimizer's param groups after warm-up, split by Z head / rest."""
+    from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
+
+    init_model_parallel(ParallelLayout())
+    model = build_gpt_model(load_arch(Path(ckpt) / "hf"), z_head=ZHeadConfig(lr_mult=lr_mult),
+                            calculate_per_token_loss=True)
+    load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer([ddp], lr=1e-3, z_head_lr_mult=lr_mult)
+    scheduler = build_lr_scheduler(optimizer, lr=1e-3, warmup_steps=2, total_steps=10)
+    scheduler.step(increment=2)
+    z_params = {id(p) for p in model.z_head.parameters()}
+    rates: dict[str, set] = {"z_head": set(), "rest": set()}
+    for group in optimizer.param_groups:
+        kind = "z_head" if any(id(p) in z_params for p in group["params"]) else "rest"
+        assert all((id(p) in z_params) == (kind == "z_head") for p in group["params"])
+        rates[kind].add(round(group["lr"], 12))
+    return {k: sorted(v) for k, v in rates.items()}

@@ -1,0 +1,255 @@
+"""FlowRL matches a multimodal reward distribution; GRPO collapses (the analogue of the paper's Figure 1).
+
+Everything is exact and enumerable: one prompt, responses of 3 tokens over a 6-token vocabulary
+(216 sequences), a real megatron-core GPTModel policy (+ Z head) trained through the same
+schedule, losses and optimizer as production. Four responses are rewarded (r = 1, all
+others 0). The reference policy is the tiny model after an exact supervised warm-up towards
+uneven mass on the four modes. FlowRL and GRPO then train from it with the same budget
+(steps, samples per step, learning rate), sampling exactly from the current policy.
+
+Target: pi*(y) proportional to pi_ref(y) exp(beta r(y)) with raw binary rewards and beta = 15,
+i.e. (up to e^-15) the reference restricted to the rewarded responses. Training uses the
+group-normalised r_hat as production does: with binary rewards every mixed group gives
+correct answers r_hat > 0 > wrong ones (a gap of at least 2/std), so exp(beta * |y| * r_hat)
+separates them by more than e^90 whatever the group's spread, and all-correct groups
+(r_hat = 0) pull log pi - log pi_ref to the same value on every mode: the fixed point is the
+same pi*. (With a continuous reward, group normalisation would rescale the target's
+temperature with each group's spread; there, use reward_normalization="none".)
+
+    python bench/toy_distribution_matching.py [--markdown docs/toy_distribution_matching.md] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VOCAB = 6  # response tokens 0..5; the prompt is token 5 as well (a single fixed prompt)
+LENGTH = 3
+PROMPT = [5]
+MODES = [(0, 1, 2), (3, 3, 0), (4, 2, 1), (1, 4, 4)]
+REF_MODE_MASS = [0.45, 0.20, 0.10, 0.05]  # uneven; the other 212 responses share the remaining 0.20
+BETA = 15.0
+
+
+def arch():
+    from flowrl_megatron.models.arch import ModelArch
+
+    return ModelArch(
+        architecture="Qwen2ForCausalLM", vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=128, num_layers=2,
+        num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, qkv_bias=True,
+        tie_embeddings=False, max_position_embeddings=16,
+    )
+
+
+def all_responses() -> torch.Tensor:
+    return torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
+
+
+def sequence_batch(responses: torch.Tensor, old=None, ref=None, advantages=None) -> dict[str, torch.Tensor]:
+    n = responses.shape[0]
+    tokens = torch.cat([torch.tensor(PROMPT).expand(n, -1), responses], dim=1)
+    prompt_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    prompt_mask[:, : len(PROMPT)] = True
+    batch = {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": ~prompt_mask}
+    zeros = torch.zeros(tokens.shape)
+    batch.update(old_logprobs=zeros if old is None else old, ref_logprobs=zeros if ref is None else ref,
+                 advantages=torch.zeros(n) if advantages is None else advantages)
+    return batch
+
+
+def reference_target(rewards: torch.Tensor) -> torch.Tensor:
+    """The designed reference distribution the warm-up fits: uneven mass on the modes."""
+    rest = 1.0 - sum(REF_MODE_MASS)
+    q = torch.full((rewards.numel(),), rest / (rewards.numel() - len(MODES)), dtype=torch.float64)
+    for mass, idx in zip(REF_MODE_MASS, mode_indices(), strict=True):
+        q[idx] = mass
+    return q
+
+
+def mode_indices() -> list[int]:
+    return [sum(t * VOCAB ** (LENGTH - 1 - i) for i, t in enumerate(m)) for m in MODES]
+
+
+def rewards_of(responses: torch.Tensor) -> torch.Tensor:
+    modes = torch.tensor(MODES)
+    return (responses[:, None, :] == modes[None]).all(-1).any(-1).double()
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    m = p > 0
+    return float((p[m] * (p[m].log() - q[m].log())).sum())
+
+
+class Toy:
+    def __init__(self, seed: int) -> None:
+        from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+        init_model_parallel(ParallelLayout(), seed=seed)
+        self.arch = arch()
+        self.responses = all_responses()
+        self.rewards = rewards_of(self.responses)
+
+    def build(self, z_head: bool):
+        from flowrl_megatron.models.gpt import build_gpt_model
+        from flowrl_megatron.models.z_head import ZHeadConfig
+        from flowrl_megatron.training.parallel import wrap_ddp
+
+        model = build_gpt_model(self.arch, z_head=ZHeadConfig() if z_head else None, calculate_per_token_loss=True)
+        return model, wrap_ddp(model)
+
+    def token_logprobs(self, ddp) -> torch.Tensor:
+        from flowrl_megatron.training.step import forward_logprobs
+
+        return forward_logprobs([ddp], sequence_batch(self.responses), micro_batch_size=self.responses.shape[0],
+                                vocab_size=VOCAB)
+
+    def distribution(self, ddp) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.token_logprobs(ddp)
+        return tok, tok.double().sum(-1).exp()
+
+    def warm_up(self, steps: int, lr: float) -> dict:
+        """Exact supervised warm-up: minimise KL(q || pi) over the whole response space."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from flowrl_megatron.models.gpt import causal_attention_mask
+        from flowrl_megatron.training.parallel import build_optimizer
+        from flowrl_megatron.training.step import _token_logprobs
+
+        model, ddp = self.build(z_head=False)
+        optimizer = build_optimizer([ddp], lr=lr, weight_decay=0.0, clip_grad=0.0)
+        q = reference_target(self.rewards).float()
+        batch = sequence_batch(self.responses)
+        tokens, n = batch["tokens"], batch["tokens"].shape[1]
+
+        def step(data_iterator, m):
+            ids = next(data_iterator)
+            out = m(input_ids=ids, position_ids=torch.arange(n).expand_as(ids), attention_mask=causal_attention_mask(n))
+
+            def loss(logits):
+                lp, _ = _token_logprobs(logits, ids, VOCAB, 1.0)
+                return -(q * lp.sum(-1)).sum(), torch.tensor(1, dtype=torch.int), {}
+
+            return out, loss
+
+        for _ in range(steps):
+            ddp.zero_grad_buffer()
+            get_forward_backward_func()(forward_step_func=step, data_iterator=iter([tokens]), model=[ddp],
+                                        num_microbatches=1, seq_length=n, micro_batch_size=tokens.shape[0])
+            optimizer.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+
+    def train(self, algorithm: str, ref_state: dict, ref_tok: torch.Tensor, steps: int, samples: int, lr: float,
+              seed: int, normalization: str | None = None, z_lr_mult: float = 1.0) -> torch.Tensor:
+        from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+        from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer
+        from flowrl_megatron.training.step import forward_backward
+
+        model, ddp = self.build(z_head=algorithm == "flowrl")
+        missing, unexpected = model.load_state_dict(ref_state, strict=False)
+        assert not unexpected and all(k.startswith("z_head.") or "_extra_state" in k for k in missing)
+        cfg = AlgorithmConfig(name=algorithm, beta=BETA, reward_normalization=normalization)
+        optimizer = build_optimizer([ddp], lr=lr, weight_decay=0.0, clip_grad=1.0, z_head_lr_mult=z_lr_mult)
+        scheduler = build_lr_scheduler(optimizer, lr=lr, warmup_steps=0, total_steps=steps, weight_decay=0.0)
+        sampler = torch.Generator().manual_seed(seed)
+        groups = torch.zeros(samples, dtype=torch.long)
+        for _ in range(steps):
+            tok, pi = self.distribution(ddp)
+            idx = torch.multinomial(pi.float(), samples, replacement=True, generator=sampler)
+            adv = normalize_rewards(cfg, self.rewards[idx].float(), groups)
+            batch = sequence_batch(self.responses[idx], old=tok[idx], ref=ref_tok[idx], advantages=adv)
+            ddp.zero_grad_buffer()
+            forward_backward([ddp], batch, cfg, micro_batch_size=samples, vocab_size=VOCAB)
+            optimizer.step()
+            scheduler.step(increment=1)
+        return self.distribution(ddp)[1]
+
+
+def run(steps: int, samples: int, lr: float, seed: int, flowrl_normalization: str | None = None,
+        z_lr_mult: float = 1.0) -> dict:
+    toy = Toy(seed)
+    ref_state = toy.warm_up(steps=300, lr=3e-3)
+    ref_model, ref_ddp = toy.build(z_head=False)
+    ref_model.load_state_dict(ref_state, strict=False)
+    ref_tok, pi_ref = toy.distribution(ref_ddp)
+    target = pi_ref * torch.exp(BETA * toy.rewards)
+    target = target / target.sum()
+    modes = mode_indices()
+    rows = {"reference": pi_ref}
+    for algorithm in ("flowrl", "grpo"):
+        norm = flowrl_normalization if algorithm == "flowrl" else None
+        rows[algorithm] = toy.train(algorithm, ref_state, ref_tok, steps, samples, lr, seed, norm, z_lr_mult)
+    return {
+        "target_modes": [float(target[i]) for i in modes],
+        "rows": {
+            name: {"kl": kl(pi, target), "modes": [float(pi[i]) for i in modes],
+                   "other": float(1 - sum(pi[i] for i in modes))}
+            for name, pi in rows.items()
+        },
+        "settings": {"steps": steps, "samples": samples, "lr": lr, "seed": seed},
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"Exact KL(pi || pi*) with pi* ~ pi_ref exp({BETA:g} r); {len(MODES)} rewarded responses among "
+        f"{VOCAB ** LENGTH}; {s['steps']} steps x {s['samples']} samples, Adam lr {s['lr']:g}, seed {s['seed']}.",
+        "",
+        "| policy | KL(pi \\|\\| pi*) | " + " | ".join(f"mode {i + 1}" for i in range(len(MODES))) + " | unrewarded |",
+        "|---|---|" + "---|" * len(MODES) + "---|",
+        "| target pi* | 0 | " + " | ".join(f"{m:.3f}" for m in result["target_modes"]) + " | 0.000 |",
+    ]
+    for name, row in result["rows"].items():
+        label = {"reference": "reference pi_ref", "flowrl": "FlowRL", "grpo": "GRPO"}[name]
+        lines.append(f"| {label} | {row['kl']:.3f} | " + " | ".join(f"{m:.3f}" for m in row["modes"])
+                     + f" | {row['other']:.3f} |")
+    return "\n".join(lines)
+
+
+def check(result: dict) -> list[str]:
+    rows, target = result["rows"], result["target_modes"]
+    failures = []
+    if rows["flowrl"]["kl"] > 0.15:
+        failures.append(f"FlowRL KL {rows['flowrl']['kl']:.3f} > 0.15")
+    for i, (got, want) in enumerate(zip(rows["flowrl"]["modes"], target, strict=True)):
+        if got < 0.5 * want:
+            failures.append(f"FlowRL mode {i + 1} has {got:.3f} < half its target {want:.3f}")
+    if rows["grpo"]["kl"] < 5 * rows["flowrl"]["kl"]:
+        failures.append(f"GRPO KL {rows['grpo']['kl']:.3f} < 5x FlowRL's {rows['flowrl']['kl']:.3f}")
+    return failures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--samples", type=int, default=32, help="responses sampled per step (one group)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flowrl-normalization", choices=["group", "batch", "none"], default=None)
+    p.add_argument("--z-lr-mult", type=float, default=1.0, help="FlowRL's Z head learning-rate multiplier")
+    p.add_argument("--markdown", type=Path, help="also write the table to this file")
+    p.add_argument("--check", action="store_true", help="exit 1 unless FlowRL KL <= 0.15, every mode keeps half "
+                   "its target mass, and GRPO's KL is at least 5x FlowRL's")
+    args = p.parse_args()
+    result = run(args.steps, args.samples, args.lr, args.seed, args.flowrl_normalization, args.z_lr_mult)
+    table = markdown(result)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text("# Toy distribution matching (generated by bench/toy_distribution_matching.py)\n\n"
+                                 + table + "\n")
+    failures = check(result)
+    for f in failures:
+        print("FAIL:", f, file=sys.stderr)
+    if args.check and failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,21 @@ class ZHead(nn.Module):
         return self.net(pooled).squeeze(-1).float()
 
 
-def mean_pool(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` [s, b, h] (Megatron's layout) over the positions where ``prompt_mask`` [b, s] is set."""
-    mask = prompt_mask.to(hidden.dtype).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
-    return (hidden * mask).sum(0) / mask.sum(0).clamp(min=1)
+def mean_pool(
+    hidden: torch.Tensor, prompt_mask: torch.Tensor, sample_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``hidden`` [s, b, h] (Megatron's layout) over each sample's prompt tokens.
+
+    ``prompt_mask`` [b, s] marks prompt tokens. Padded rows (one sample per row): returns [b, h].
+    Packed rows: ``sample_ids`` [b, s] numbers the samples 0..n-1 across the batch; returns [n, h].
+    """
+    if sample_ids is None:
+        mask = prompt_mask.to(hidden.dtype).transpose(0, 1).unsqueeze(-1)  # [s, b, 1]
+        return (hidden * mask).sum(0) / mask.sum(0).clamp(min=1)
+    flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [b*s, h]
+    keep = prompt_mask.reshape(-1)
+    ids = sample_ids.reshape(-1)[keep]
+    n = int(sample_ids.max().item()) + 1
+    sums = flat.new_zeros(n, flat.shape[-1]).index_add(0, ids, flat[keep])
+    counts = torch.bincount(ids, minlength=n).clamp(min=1).to(flat.dtype)
+    return sums / counts.unsqueeze(-1)

@@ -148,7 +148,7 @@ def reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     dist.broadcast(values, src=last, group=pp_group)
     totals = dict(zip(names, values.tolist(), strict=True))
     out: dict[str, float] = {}
-    for key, v in totals.items():
+    for key, v in sorted(totals.items()):
         kind, name = key.split("/", 1)
         if kind == "seq":
             out[name] = v / max(totals["count/sequences"], 1)
@@ -158,4 +158,6 @@ def reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
             out[name + "_max"] = v
         else:
             out[key] = v
+    if "residual_sq" in out:  # FlowRL: report the residual's spread, not its raw second moment
+        out["residual_std"] = max(out.pop("residual_sq") - out["residual"] ** 2, 0.0) ** 0.5
     return out

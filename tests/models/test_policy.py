@@ -47,6 +47,18 @@ def test_mean_pool_uses_megatron_layout_and_ignores_the_response():
     assert torch.allclose(pooled[0], hidden[:3, 0].mean(0)) and torch.allclose(pooled[1], hidden[:2, 1].mean(0))
 
 
+def test_mean_pool_of_packed_rows_equals_padded_rows():
+    """Two samples packed in one row pool exactly as when each has its own padded row."""
+    torch.manual_seed(0)
+    h = torch.randn(5, 3, 4)  # padded: sample 0 in row 0 (prompt 3 of 5), sample 1 in row 1 (prompt 2 of 4)
+    padded_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    packed = torch.cat([h[:5, 0], h[:4, 1]]).unsqueeze(1)  # [9, 1, 4]
+    packed_mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    sample_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    want = mean_pool(h, padded_mask)[:2]
+    assert torch.allclose(mean_pool(packed, packed_mask, sample_ids), want, atol=1e-6)
+
+
 def test_variants_and_detach_switch():
     paper = ZHead(8, ZHeadConfig())
     authors = ZHead(8, ZHeadConfig(variant="authors", dropout=0.1))

@@ -4,10 +4,12 @@ Each TP rank holds logits for a contiguous slice of the (padded) vocabulary. The
 statistics (max, sum of exponentials, the target's logit, the expected logit) are reduced
 across the TP group, so every rank ends with the same per-token values.
 
-Memory: the work runs over chunks of ``chunk_tokens`` tokens, so the extra float32 memory
-is one chunk x vocab-slice at a time, not a float32 copy of all logits. Backward saves
-only two floats per token and recomputes the softmax chunk by chunk. Padded vocabulary
-rows (ids >= ``vocab_size``) are excluded, as they are for the unpadded model vLLM serves.
+Memory: the work runs over chunks of tokens sized so that one float32 chunk of this rank's
+vocabulary slice takes about ``chunk_bytes``; at most two such buffers are alive at a time
+(forward and backward), whatever the sequence length. Backward saves two floats per token
+and recomputes the softmax chunk by chunk; the entropy's gradient is computed only when a
+loss uses the entropy. Padded vocabulary rows (ids >= ``vocab_size``) are excluded, as they
+are for the unpadded model vLLM serves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group) -> torch.Tensor:
@@ -24,69 +26,78 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group) -> torch.Tensor:
     return t
 
 
-def _chunk_stats(logits: torch.Tensor, vocab_start: int, vocab_size: int, temperature: float, group):
-    """Float32 scaled logits with padded ids masked, plus the global max and log-sum-exp per token."""
-    z = logits.float() / temperature
-    local_valid = vocab_size - vocab_start
-    if local_valid < z.shape[-1]:
-        z[..., max(local_valid, 0) :] = float("-inf")
-    m = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, group)
-    e = (z - m.unsqueeze(-1)).exp()
-    log_sum = _all_reduce(e.sum(dim=-1), dist.ReduceOp.SUM, group).log()
-    return z, m, log_sum
+def _float_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 logits / temperature; a view (no copy) for float32 logits at temperature 1. Never modified."""
+    z = logits.float()
+    return z / temperature if temperature != 1.0 else z
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, temperature, chunk_tokens, group):
+        ctx.set_materialize_grads(False)
         flat = logits.reshape(-1, logits.shape[-1])
         tgt = target.reshape(-1)
         n, v_local = flat.shape
+        valid = max(min(vocab_size - vocab_start, v_local), 0)  # this slice's real (unpadded) ids
         logprob = torch.empty(n, dtype=torch.float32, device=flat.device)
         entropy = torch.empty_like(logprob)
-        lse = torch.empty_like(logprob)  # max + log-sum-exp: log p = z - lse
+        lse = torch.empty_like(logprob)  # log-sum-exp: log p = z - lse
         for s in range(0, n, chunk_tokens):
-            z, m, log_sum = _chunk_stats(flat[s : s + chunk_tokens], vocab_start, vocab_size, temperature, group)
-            chunk_lse = m + log_sum
+            z = _float_logits(flat[s : s + chunk_tokens], temperature)
+            local_max = z[:, :valid].max(dim=-1).values if valid else z.new_full((z.shape[0],), float("-inf"))
+            m = _all_reduce(local_max, dist.ReduceOp.MAX, group)
+            e = (z - m.unsqueeze(-1)).exp_()  # the one chunk-sized buffer
+            e[:, valid:] = 0.0
+            sum_e = _all_reduce(e.sum(-1), dist.ReduceOp.SUM, group)
             local = tgt[s : s + chunk_tokens] - vocab_start
-            owned = (local >= 0) & (local < v_local)
-            t_logit = z.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1) * owned
-            t_logit = _all_reduce(t_logit, dist.ReduceOp.SUM, group)
-            p = (z - chunk_lse.unsqueeze(-1)).exp()
-            expected_z = _all_reduce((p * z.nan_to_num(neginf=0.0)).sum(-1), dist.ReduceOp.SUM, group)
+            owned = (local >= 0) & (local < valid)
+            picked = z.gather(-1, local.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+            t_logit = _all_reduce(torch.where(owned, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
+            expected = _all_reduce(_rowdot(e, z), dist.ReduceOp.SUM, group) / sum_e
+            chunk_lse = m + sum_e.log()
             logprob[s : s + chunk_tokens] = t_logit - chunk_lse
-            entropy[s : s + chunk_tokens] = chunk_lse - expected_z
+            entropy[s : s + chunk_tokens] = chunk_lse - expected
             lse[s : s + chunk_tokens] = chunk_lse
+            del z, e
         ctx.save_for_backward(logits, target, lse, entropy)
-        ctx.args = (vocab_start, vocab_size, temperature, chunk_tokens)
+        ctx.args = (vocab_start, valid, temperature, chunk_tokens)
         return logprob.view(target.shape), entropy.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
         logits, target, lse, entropy = ctx.saved_tensors
-        vocab_start, vocab_size, temperature, chunk_tokens = ctx.args
+        vocab_start, valid, temperature, chunk_tokens = ctx.args
         flat = logits.reshape(-1, logits.shape[-1])
+        n = flat.shape[0]
         tgt = target.reshape(-1)
-        g_lp = grad_logprob.reshape(-1).float()
-        g_h = grad_entropy.reshape(-1).float()
+        g_lp = grad_logprob.reshape(-1).float() if grad_logprob is not None else torch.zeros_like(lse)
         grad = torch.empty_like(flat)
-        n, v_local = flat.shape
         for s in range(0, n, chunk_tokens):
             sl = slice(s, s + chunk_tokens)
-            z = flat[sl].float() / temperature
-            local_valid = vocab_size - vocab_start
-            if local_valid < v_local:
-                z[..., max(local_valid, 0) :] = float("-inf")
-            logp = z - lse[sl].unsqueeze(-1)
-            p = logp.exp()
-            # d log p_t / dz = onehot_t - p ;  d H / dz = -p * (log p + H)
-            logp_or_zero = logp.nan_to_num(neginf=0.0)  # masked ids have p = 0; avoid 0 * -inf
-            dz = -p * (g_lp[sl].unsqueeze(-1) + g_h[sl].unsqueeze(-1) * (logp_or_zero + entropy[sl].unsqueeze(-1)))
+            z = _float_logits(flat[sl], temperature)
+            # p = exp(z - lse), written straight into the gradient buffer when it is float32
+            p = torch.sub(z, lse[sl].unsqueeze(-1), out=grad[sl]) if grad.dtype == torch.float32 else z - lse[sl, None]
+            if grad_entropy is None:
+                dz = p.exp_().mul_(-g_lp[sl].unsqueeze(-1))  # d log p_t / dz = onehot_t - p
+            else:  # d H / dz = -p * (log p + H)
+                logp = p.clone()
+                p.exp_()
+                logp.add_(entropy[sl].unsqueeze(-1)).mul_(grad_entropy.reshape(-1)[sl].float().unsqueeze(-1))
+                dz = logp.add_(g_lp[sl].unsqueeze(-1)).mul_(p).neg_()
+            dz[:, valid:] = 0.0
             local = tgt[sl] - vocab_start
-            owned = (local >= 0) & (local < v_local)
-            rows = torch.nonzero(owned).squeeze(-1)
+            rows = torch.nonzero((local >= 0) & (local < valid)).squeeze(-1)
             dz[rows, local[rows]] += g_lp[sl][rows]
-            grad[sl] = (dz / temperature).to(grad.dtype)
+            if temperature != 1.0:
+                dz.div_(temperature)
+            if dz.data_ptr() != grad[sl].data_ptr():
+                grad[sl] = dz
+            del z, p, dz
         return grad.view_as(logits), None, None, None, None, None, None
 
 
@@ -97,7 +108,7 @@ def vocab_parallel_logprobs(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     temperature: float = 1.0,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``target`` and entropy of the softmax at every position, in float32.
@@ -108,12 +119,13 @@ def vocab_parallel_logprobs(
     """
     if vocab_size is None:
         vocab_size = vocab_start + logits.shape[-1]
+    chunk_tokens = max(1, chunk_bytes // (4 * logits.shape[-1]))
     return _VocabParallelLogProbs.apply(logits, target, vocab_start, vocab_size, temperature, chunk_tokens, group)
 
 
 def megatron_logprobs(
     logits: torch.Tensor, target: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``vocab_parallel_logprobs`` for the logits of a Megatron model in the current TP group."""
     from megatron.core import parallel_state
@@ -121,5 +133,5 @@ def megatron_logprobs(
     rank = parallel_state.get_tensor_model_parallel_rank()
     return vocab_parallel_logprobs(
         logits, target, vocab_start=rank * logits.shape[-1], vocab_size=vocab_size, temperature=temperature,
-        chunk_tokens=chunk_tokens, group=parallel_state.get_tensor_model_parallel_group(),
+        chunk_bytes=chunk_bytes, group=parallel_state.get_tensor_model_parallel_group(),
     )

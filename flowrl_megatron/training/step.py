@@ -42,10 +42,14 @@ def _forward(model, mb: dict[str, torch.Tensor], with_log_z: bool):
 
 
 def _token_logprobs(logits, tokens, vocab_size: int, temperature: float):
-    """Log-prob of token t from the logits at t-1, placed at position t (position 0 is 0)."""
-    lp, ent = megatron_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size, temperature)
+    """Log-prob of token t from the logits at t-1, placed at position t (position 0 is 0).
+
+    The targets are shifted rather than the logits sliced, which would copy all logits.
+    """
+    next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the last position's target is unused
+    lp, ent = megatron_logprobs(logits, next_tokens, vocab_size, temperature)
     pad = lp.new_zeros(lp.shape[0], 1)
-    return torch.cat([pad, lp], dim=1), torch.cat([pad, ent], dim=1)
+    return torch.cat([pad, lp[:, :-1]], dim=1), torch.cat([pad, ent[:, :-1]], dim=1)
 
 
 def _run(model_chunks, batches: list[dict], step_fn, forward_only: bool) -> list:

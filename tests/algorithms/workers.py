@@ -20,7 +20,8 @@ def random_problem(seed: int = 0, shape=(3, 7), padded_vocab: int = 64, vocab_si
     return logits, target, g_lp, g_h
 
 
-def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: float = 0.7) -> dict:
+def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: float = 0.7,
+                           use_entropy: bool = True, vocab_size: int = 57) -> dict:
     """This rank's vocab slice through vocab_parallel_logprobs vs the float64 reference on the full vocab."""
     from flowrl_megatron.algorithms.logprobs import vocab_parallel_logprobs
 
@@ -32,13 +33,14 @@ def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: floa
 
         init_distributed()
         group, rank = dist.group.WORLD, dist.get_rank()
-    logits, target, g_lp, g_h = random_problem()
-    vocab_size = 57
+    logits, target, g_lp, g_h = random_problem(vocab_size=vocab_size)
     width = logits.shape[-1] // tp
     local = logits[..., rank * width : (rank + 1) * width].clone().requires_grad_(True)
     lp, h = vocab_parallel_logprobs(local, target, vocab_start=rank * width, vocab_size=vocab_size,
-                                    temperature=temperature, chunk_tokens=chunk_tokens, group=group)
-    (lp * g_lp + h * g_h).sum().backward()
+                                    temperature=temperature, chunk_bytes=chunk_tokens * 4 * width, group=group)
+    if not use_entropy:
+        g_h = torch.zeros_like(g_h)
+    (lp * g_lp + h * g_h).sum().backward() if use_entropy else (lp * g_lp).sum().backward()
 
     full = logits.double().requires_grad_(True)
     ref_lp, ref_h = reference_logprobs(full, target, vocab_size, temperature)
@@ -50,6 +52,7 @@ def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: floa
         "grad": (local.grad.double() - ref_grad).abs().max().item(),
         "grad_scale": ref_grad.abs().max().item(),
         "padded_grad_zero": bool((local.grad[..., max(vocab_size - rank * width, 0):] == 0).all()),
+        "valid_columns": max(0, min(width, vocab_size - rank * width)),
     }
 
 

@@ -39,8 +39,13 @@ def layer_spec(use_te: bool | None = None) -> ModuleSpec:
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def transformer_config(arch: ModelArch, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron's config for ``arch`` on the layout set up in ``parallel_state``."""
+def transformer_config(
+    arch: ModelArch, params_dtype: torch.dtype = torch.float32, calculate_per_token_loss: bool = False
+) -> TransformerConfig:
+    """Megatron's config for ``arch`` on the layout set up in ``parallel_state``.
+
+    ``calculate_per_token_loss``: losses return (sum, count) and the schedule divides once by the global count.
+    """
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -71,6 +76,7 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype = torch.float3
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
+        calculate_per_token_loss=calculate_per_token_loss,
     )
 
 
@@ -85,8 +91,7 @@ def build_gpt_model(
 
     With ``z_head`` it is the FlowRL policy (``PolicyModel``); without, a plain GPTModel (reference).
     """
-    config = transformer_config(arch, params_dtype)
-    config.calculate_per_token_loss = calculate_per_token_loss
+    config = transformer_config(arch, params_dtype, calculate_per_token_loss)
     model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
     model = model_cls(
         config=config,

@@ -1,0 +1,1 @@
+"""Rollout: vLLM engine processes, the generation client (and, next, weight sync)."""

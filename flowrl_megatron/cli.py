@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             "flowrl demo: not yet implemented. The end-to-end FlowRL vs GRPO demo needs the trainer, "
             "which is not built yet; today the project provides the CPU runtime, the Megatron model "
-            "builder and checkpoint conversion (see README.md).",
+            "builder, checkpoint conversion, the FlowRL/GRPO/REINFORCE++ objectives with a toy "
+            "distribution-matching proof (bench/toy_distribution_matching.py) and vLLM rollout engines "
+            "(see README.md).",
             file=sys.stderr,
         )
         sys.exit(3)

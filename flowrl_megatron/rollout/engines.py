@@ -12,6 +12,7 @@ not protected by the key, so ``host`` must be an address only the job can reach.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -38,6 +39,8 @@ class EngineConfig:
     dtype: str = field(default_factory=lambda: "auto" if torch.cuda.is_available() else "float32")
     kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE); the default fraction of RAM fails here
     gpu_memory_utilization: float = 0.85
+    # vLLM weight-transfer backend for syncing from the trainer: gloo (ours) on CPU, vLLM's nccl on GPU.
+    weight_transfer_backend: str = field(default_factory=lambda: "nccl" if torch.cuda.is_available() else "gloo")
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
 
@@ -68,10 +71,11 @@ class Engine:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", cfg.model, "--served-model-name", "policy",
-            "--host", cfg.host, "--port", str(self.port), "--api-key", self.api_key,
+            "--host", cfg.host, "--port", str(self.port), f"--api-key={self.api_key}",  # '=': a key may start with '-'
             "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
             "--tensor-parallel-size", str(cfg.tensor_parallel_size),
             "--logprobs-mode", "processed_logprobs",  # the distribution actually sampled from
+            "--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend}),
         ]
         if torch.cuda.is_available():
             cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
@@ -145,7 +149,7 @@ class EngineGroup:
             raise UserError(f"{cfg.model} has no config.json; rollout engines serve a Hugging Face directory "
                             "(convert a Megatron checkpoint with checkpoints_tools.megatron_to_hf).")
         self.cfg = cfg
-        self.api_key = api_key or secrets.token_urlsafe(24)
+        self.api_key = api_key or secrets.token_hex(24)
         self.engines = [Engine(cfg, i, Path(log_dir), self.api_key) for i in range(count)]
 
     def start(self) -> EngineGroup:

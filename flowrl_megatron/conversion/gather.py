@@ -1,20 +1,86 @@
-"""Collect a sharded live model's tensors as full Hugging Face-named tensors on global rank 0.
+"""Stream a sharded live model's tensors to global rank 0 as full Hugging Face-named tensors.
 
-Uses the one mapping, so names and layouts are exactly those of the offline export. Holds
-the whole model on rank 0: meant for tests, debugging and small models (live weight sync
-streams in buckets instead).
+Uses the one mapping, so names and layouts are exactly those of the offline export. Every
+rank runs the same loop in the same order: for each tensor, the TP ranks of the pipeline
+stage that owns it all-gather their shards, and that stage's first rank sends the full HF
+tensors to global rank 0, which yields them. Rank 0 never holds more than one tensor's worth
+at a time, so weight sync can bucket and send as it goes (a 32B model never sits on one rank).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from flowrl_megatron.conversion.mapping import to_hf, tp_merge, weight_rules
+from flowrl_megatron.conversion.mapping import megatron_shape, to_hf, tp_merge, weight_rules
 from flowrl_megatron.models.arch import ModelArch
+from flowrl_megatron.runtime import device
+
+
+def iter_hf_tensors(
+    model: torch.nn.Module,
+    arch: ModelArch,
+    tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p.data,
+    extra_prefixes: tuple[str, ...] = (),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full tensor on CPU)`` on global rank 0; every other rank must exhaust it too (yields nothing).
+
+    ``model`` is this rank's unwrapped stage; ``tensor_of`` picks what to send (weights, ``main_grad``...);
+    parameters under ``extra_prefixes`` (e.g. ``z_head.``), which the mapping does not name, follow as they are.
+    """
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    layers_per_stage = arch.num_layers // pp
+    in_first_replica = parallel_state.get_data_parallel_rank() == 0
+    sender = in_first_replica and parallel_state.get_tensor_model_parallel_rank() == 0
+    rank = dist.get_rank()
+    params = dict(model.named_parameters())
+    dtype = tensor_of(next(iter(params.values()))).dtype  # what is sent (an fp32 main_grad of bf16 weights, say)
+    # Global rank of each stage's member in this rank's TP/DP slot: for rank 0, each stage's sender.
+    stage_first_rank = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+
+    def owner(rule, layer) -> int:
+        if rule.per_layer:
+            return layer // layers_per_stage
+        return 0 if rule.key.startswith("embedding.") else pp - 1
+
+    for rule in weight_rules(arch):
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            stage = owner(rule, layer)
+            names = rule.hf_names(layer)
+            meta = to_hf(rule, arch, torch.empty(megatron_shape(rule, arch), device="meta"))
+            full: list[torch.Tensor] | None = None
+            if stage == pp_rank and in_first_replica:
+                local = rule.param.format(i=layer - stage * layers_per_stage if rule.per_layer else None)
+                shard = tensor_of(params[local]).detach().contiguous()
+                shards = [torch.empty_like(shard) for _ in range(tp)]
+                dist.all_gather(shards, shard, group=tp_group)
+                full = [t.contiguous() for t in to_hf(rule, arch, tp_merge(rule, shards))]
+                if sender and rank != 0:
+                    for t in full:
+                        dist.send(t, dst=0)
+            if rank == 0:
+                if full is None:
+                    full = [torch.empty(m.shape, dtype=dtype, device=device()) for m in meta]
+                    for t in full:
+                        dist.recv(t, src=stage_first_rank[stage])
+                for name, t in zip(names, full, strict=True):
+                    yield name, t.cpu()
+    if extra_prefixes and pp_rank == pp - 1 and sender:
+        extras = [(n, tensor_of(p).detach().cpu().clone()) for n, p in params.items() if n.startswith(extra_prefixes)]
+        if rank == 0:
+            yield from extras
+        else:
+            dist.send_object_list([extras], dst=0)
+    elif extra_prefixes and rank == 0:
+        box: list = [None]
+        dist.recv_object_list(box, src=stage_first_rank[pp - 1])
+        yield from box[0]
 
 
 def gather_hf_state(
@@ -23,38 +89,5 @@ def gather_hf_state(
     tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p.data,
     extra_prefixes: tuple[str, ...] = ("z_head.",),
 ) -> dict[str, torch.Tensor]:
-    """Full tensors keyed by HF name (plus unmapped params under ``extra_prefixes``, as named) on rank 0.
-
-    ``model`` is this rank's unwrapped stage; ``tensor_of`` picks what to gather (weights, ``main_grad``...).
-    """
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    layers_here = arch.num_layers // pp
-    offset = parallel_state.get_pipeline_model_parallel_rank() * layers_here
-    is_tp0 = parallel_state.get_tensor_model_parallel_rank() == 0
-    params = dict(model.named_parameters())
-    local: dict[str, torch.Tensor] = {}
-    for rule in weight_rules(arch):
-        for i in range(layers_here) if rule.per_layer else [None]:
-            name = rule.param.format(i=i)
-            if name not in params:
-                continue
-            shard = tensor_of(params[name]).detach().contiguous()
-            shards = [torch.empty_like(shard) for _ in range(tp)]
-            dist.all_gather(shards, shard, group=tp_group)
-            if is_tp0:
-                hf_layer = offset + i if rule.per_layer else None
-                for hf_name, t in zip(rule.hf_names(hf_layer), to_hf(rule, arch, tp_merge(rule, shards)), strict=True):
-                    local[hf_name] = t.cpu().clone()
-    if is_tp0:
-        for name, p in params.items():
-            if name.startswith(extra_prefixes):
-                local[name] = tensor_of(p).detach().cpu().clone()
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    gathered: list[dict | None] = [None] * pp
-    first = parallel_state.get_pipeline_model_parallel_first_rank()
-    dist.gather_object(local, gathered if dist.get_rank() == first else None, dst=first, group=pp_group)
-    if dist.get_rank() != 0:
-        return {}
-    return {k: v for part in gathered for k, v in (part or {}).items()}
+    """All of ``iter_hf_tensors`` as one dict on rank 0 (empty elsewhere): for tests, debugging and small models."""
+    return dict(iter_hf_tensors(model, arch, tensor_of, extra_prefixes))

@@ -93,3 +93,17 @@ class WeightSender:
         self.pool.shutdown(wait=False)
         self.http.close()
         self.group = None
+
+
+def sync_from_megatron(model: torch.nn.Module, arch, sender: WeightSender | None) -> int | None:
+    """Every trainer rank calls this after an optimizer step. Rank 0 (the one with the sender) streams the
+    HF-named weights to the engines bucket by bucket as they arrive; the others feed that stream (TP all-gathers,
+    sends from their pipeline stage). Returns the new weight version on rank 0. The Z head is never sent."""
+    from flowrl_megatron.conversion.gather import iter_hf_tensors
+
+    stream = iter_hf_tensors(model, arch)
+    if sender is None:
+        for _ in stream:
+            pass
+        return None
+    return sender.send(stream)

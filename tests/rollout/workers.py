@@ -44,12 +44,11 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, 
     """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
     from flowrl_megatron.algorithms.losses import AlgorithmConfig
     from flowrl_megatron.checkpoint import load_model_weights
-    from flowrl_megatron.conversion.gather import gather_hf_state
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.rollout.client import RolloutClient
-    from flowrl_megatron.rollout.weight_sync import WeightSender
+    from flowrl_megatron.rollout.weight_sync import WeightSender, sync_from_megatron
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward
@@ -69,11 +68,13 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, 
         forward_backward([ddp], batch, AlgorithmConfig(), micro_batch_size=8, vocab_size=arch.vocab_size)
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
-    state = gather_hf_state(model, arch)  # the Z head is never sent: only mapped names below
+    sender = None
     if dist.get_rank() == 0:
         sender = WeightSender(urls, [1] * len(urls), api_key, port=port, bucket_bytes=512 * 1024)
         sender.connect()
-        result["version"] = sender.send((k, v) for k, v in state.items() if not k.startswith("z_head."))
+    version = sync_from_megatron(model, arch, sender)  # streamed from every stage, bucket by bucket
+    if sender is not None:
+        result["version"] = version
         sender.close()
     dist.barrier()
     result["after_sync"] = _sample_and_score([ddp], arch, client, prompts)

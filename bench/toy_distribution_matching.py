@@ -132,7 +132,7 @@ class Toy:
 
         from flowrl_megatron.models.gpt import causal_attention_mask
         from flowrl_megatron.training.parallel import build_optimizer
-        from flowrl_megatron.training.step import _token_logprobs
+        from flowrl_megatron.training.step import token_logprobs
 
         model, ddp = self.build(z_head=False)
         optimizer = build_optimizer([ddp], lr=lr, weight_decay=0.0, clip_grad=0.0)
@@ -145,7 +145,7 @@ class Toy:
             out = m(input_ids=ids, position_ids=torch.arange(n).expand_as(ids), attention_mask=causal_attention_mask(n))
 
             def loss(logits):
-                lp, _ = _token_logprobs(logits, ids, VOCAB, 1.0)
+                lp, _ = token_logprobs(logits, ids, VOCAB, 1.0)
                 return -(q * lp.sum(-1)).sum(), torch.tensor(1, dtype=torch.int), {}
 
             return out, loss

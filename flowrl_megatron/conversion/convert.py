@@ -118,20 +118,16 @@ def hf_to_megatron(
 
         return produce
 
+    # Non-layer tensors first, then layer by layer (rule order within a layer): the writer keeps this order,
+    # so the TP chunks of one tensor are produced one after another from a single cached tensor.
+    planned = sorted(
+        ((rule, c) for rule in rules for c in checkpoint_chunks(rule, arch, tp)),
+        key=lambda rc: -1 if rc[1].layer is None else rc[1].layer,
+    )
     chunks = [
-        TensorChunk(
-            key=rule.key,
-            offsets=c.offsets,
-            sizes=c.sizes,
-            global_size=global_shape(rule, arch),
-            dtype=out_dtype,
-            produce=producer(rule, c),
-        )
-        for layer in [None, *range(arch.num_layers)]
-        for rule in rules
-        if rule.per_layer == (layer is not None)
-        for c in checkpoint_chunks(rule, arch, tp)
-        if c.layer == layer
+        TensorChunk(key=rule.key, offsets=c.offsets, sizes=c.sizes, global_size=global_shape(rule, arch),
+                    dtype=out_dtype, produce=producer(rule, c))
+        for rule, c in planned
     ]
     objects = {
         f"{LAYER_PREFIX}{m}._extra_state/shard_{layer}_{arch.num_layers}": extra_state_bytes()
@@ -182,11 +178,14 @@ def megatron_to_hf(
         for name, t in zip(rule.hf_names(layer), to_hf(rule, arch, tensor), strict=True):
             writer.add(name, t.clone())
 
+    def read_whole(rule: WeightRule) -> torch.Tensor:
+        shape = reader.shape(rule.key)
+        return reader.read([(rule.key, (0,) * len(shape), shape)])[rule.key]
+
     with atomic_output_dir(output_dir) as tmp:
         writer = HFShardWriter(tmp, max_shard_bytes)
-        globals_ = [r for r in rules if not r.per_layer]
-        loaded = reader.read((r.key, (0,) * len(reader.shape(r.key)), reader.shape(r.key)) for r in globals_[:1])
-        write(writer, globals_[0], None, loaded[globals_[0].key])
+        embedding, *other_globals = [r for r in rules if not r.per_layer]
+        write(writer, embedding, None, read_whole(embedding))
         layer_rules = [r for r in rules if r.per_layer]
         for layer in tqdm(range(arch.num_layers), desc="megatron -> hf", unit="layer", disable=None):
             regions = []
@@ -196,9 +195,8 @@ def megatron_to_hf(
             loaded = reader.read(regions)
             for r in layer_rules:
                 write(writer, r, layer, loaded.pop(r.key)[0])
-        for r in globals_[1:]:
-            shape = reader.shape(r.key)
-            write(writer, r, None, reader.read([(r.key, (0,) * len(shape), shape)])[r.key])
+        for r in other_globals:
+            write(writer, r, None, read_whole(r))
         writer.close()
         copy_side_files(side_dir, tmp)
     return Path(output_dir)

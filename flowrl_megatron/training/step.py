@@ -41,7 +41,7 @@ def _forward(model, mb: dict[str, torch.Tensor], with_log_z: bool):
     return model(input_ids=ids, position_ids=positions, attention_mask=causal_attention_mask(s, ids.device), **kwargs)
 
 
-def _token_logprobs(logits, tokens, vocab_size: int, temperature: float):
+def token_logprobs(logits, tokens, vocab_size: int, temperature: float):
     """Log-prob of token t from the logits at t-1, placed at position t (position 0 is 0).
 
     The targets are shifted rather than the logits sliced, which would copy all logits.
@@ -89,7 +89,7 @@ def forward_backward(
 
         def loss_func(output):
             logits, log_z = output if isinstance(output, tuple) else (output, None)
-            lp, ent = _token_logprobs(logits, mb["tokens"], vocab_size, temperature)
+            lp, ent = token_logprobs(logits, mb["tokens"], vocab_size, temperature)
             total, count, stats = policy_loss(cfg, LossInputs(
                 logprobs=lp, entropy=ent, old_logprobs=mb["old_logprobs"], ref_logprobs=mb["ref_logprobs"],
                 response_mask=mb["response_mask"], advantages=mb["advantages"], log_z=log_z,
@@ -119,7 +119,7 @@ def forward_logprobs(
         out = _forward(model, mb, with_log_z=False)
 
         def collect(output):
-            lp, _ = _token_logprobs(output, mb["tokens"], vocab_size, temperature)
+            lp, _ = token_logprobs(output, mb["tokens"], vocab_size, temperature)
             return lp.sum() * 0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
 
         return out, collect

@@ -15,9 +15,23 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from flowrl_megatron.conversion.mapping import megatron_shape, to_hf, tp_merge, weight_rules
+from flowrl_megatron.conversion.mapping import WeightRule, megatron_shape, to_hf, tp_merge, weight_rules
 from flowrl_megatron.models.arch import ModelArch
 from flowrl_megatron.runtime import device
+
+
+def _plan(arch: ModelArch) -> Iterator[tuple[WeightRule, int | None, list[str], list[torch.Size]]]:
+    """(rule, layer, HF names, HF shapes) in the order every rank walks the model."""
+    for rule in weight_rules(arch):
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            meta = to_hf(rule, arch, torch.empty(megatron_shape(rule, arch), device="meta"))
+            yield rule, layer, rule.hf_names(layer), [m.shape for m in meta]
+
+
+def hf_metadata(arch: ModelArch) -> list[tuple[str, torch.Size]]:
+    """Names and full shapes of what ``iter_hf_tensors`` yields (without extras), in the same order, without
+    touching any weights: what a receiver sizes its buffers from."""
+    return [(n, s) for _, _, names, shapes in _plan(arch) for n, s in zip(names, shapes, strict=True)]
 
 
 def iter_hf_tensors(
@@ -25,11 +39,13 @@ def iter_hf_tensors(
     arch: ModelArch,
     tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p.data,
     extra_prefixes: tuple[str, ...] = (),
+    keep_on_device: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, full tensor on CPU)`` on global rank 0; every other rank must exhaust it too (yields nothing).
+    """Yield ``(hf_name, full tensor)`` on global rank 0; every other rank must exhaust it too (yields nothing).
 
     ``model`` is this rank's unwrapped stage; ``tensor_of`` picks what to send (weights, ``main_grad``...);
     parameters under ``extra_prefixes`` (e.g. ``z_head.``), which the mapping does not name, follow as they are.
+    Tensors come on the CPU unless ``keep_on_device`` (an NCCL broadcast sends them from the GPU).
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -49,28 +65,25 @@ def iter_hf_tensors(
             return layer // layers_per_stage
         return 0 if rule.key.startswith("embedding.") else pp - 1
 
-    for rule in weight_rules(arch):
-        for layer in range(arch.num_layers) if rule.per_layer else [None]:
-            stage = owner(rule, layer)
-            names = rule.hf_names(layer)
-            meta = to_hf(rule, arch, torch.empty(megatron_shape(rule, arch), device="meta"))
-            full: list[torch.Tensor] | None = None
-            if stage == pp_rank and in_first_replica:
-                local = rule.param.format(i=layer - stage * layers_per_stage if rule.per_layer else None)
-                shard = tensor_of(params[local]).detach().contiguous()
-                shards = [torch.empty_like(shard) for _ in range(tp)]
-                dist.all_gather(shards, shard, group=tp_group)
-                full = [t.contiguous() for t in to_hf(rule, arch, tp_merge(rule, shards))]
-                if sender and rank != 0:
-                    for t in full:
-                        dist.send(t, dst=0)
-            if rank == 0:
-                if full is None:
-                    full = [torch.empty(m.shape, dtype=dtype, device=device()) for m in meta]
-                    for t in full:
-                        dist.recv(t, src=stage_first_rank[stage])
-                for name, t in zip(names, full, strict=True):
-                    yield name, t.cpu()
+    for rule, layer, names, shapes in _plan(arch):
+        stage = owner(rule, layer)
+        full: list[torch.Tensor] | None = None
+        if stage == pp_rank and in_first_replica:
+            local = rule.param.format(i=layer - stage * layers_per_stage if rule.per_layer else None)
+            shard = tensor_of(params[local]).detach().contiguous()
+            shards = [torch.empty_like(shard) for _ in range(tp)]
+            dist.all_gather(shards, shard, group=tp_group)
+            full = [t.contiguous() for t in to_hf(rule, arch, tp_merge(rule, shards))]
+            if sender and rank != 0:
+                for t in full:
+                    dist.send(t, dst=0)
+        if rank == 0:
+            if full is None:
+                full = [torch.empty(shape, dtype=dtype, device=device()) for shape in shapes]
+                for t in full:
+                    dist.recv(t, src=stage_first_rank[stage])
+            for name, t in zip(names, full, strict=True):
+                yield name, t if keep_on_device else t.cpu()
     if extra_prefixes and pp_rank == pp - 1 and sender:
         extras = [(n, tensor_of(p).detach().cpu().clone()) for n, p in params.items() if n.startswith(extra_prefixes)]
         if rank == 0:

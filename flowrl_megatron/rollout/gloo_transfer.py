@@ -1,7 +1,11 @@
 """A gloo weight-transfer backend for vLLM, so the CPU path uses vLLM's own weight-sync lifecycle.
 
-vLLM's built-in backends (nccl, ipc, ...) need CUDA. This engine is the same protocol over a
-gloo process group: ``init_weight_transfer_engine`` joins the trainer's group,
+vLLM's built-in backends (nccl, ipc, ...) need CUDA. This backend is the same protocol over a
+gloo process group, in vLLM's two halves. Trainer side (``GlooTrainerWeightTransferEngine``,
+registered with ``WeightTransferTrainerFactory`` like vLLM's NCCL trainer): rank 0 hosts the
+group's store on a port the OS picks and drives the routes; per bucket of the ``WeightSource``
+an ``update_weights`` call runs while it broadcasts the bucket packed into one byte buffer.
+Worker side (``GlooWeightTransferEngine``): ``init_weight_transfer_engine`` joins the group,
 ``start_weight_update`` / ``finish_weight_update`` wrap vLLM's layerwise reload (which
 re-runs vLLM's post-load processing, e.g. the CPU weight repacking), and each
 ``update_weights`` call receives one bucket: a single broadcast of the bucket's tensors
@@ -14,18 +18,26 @@ valid in the server.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    VLLMWeightSyncClient,
+    WeightSource,
     WeightTransferEngine,
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
 
-from flowrl_megatron.rollout.gloo_group import broadcast, join_group
-from flowrl_megatron.rollout.weight_buckets import bucket_size, unpack
+from flowrl_megatron.rollout.gloo_group import broadcast, gloo_group, join_group, rendezvous_store
+from flowrl_megatron.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, bucket_meta, bucket_size, buckets, pack, unpack
 
 BACKEND = "gloo"
 
@@ -81,11 +93,83 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group = None
 
 
-def register() -> None:
-    """vLLM plugin entry point: make the "gloo" backend known in this process."""
-    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+def in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """Run ``fn`` in a daemon thread: a request still blocked in an engine must not keep a failed trainer alive
+    (a thread pool's workers are joined at interpreter exit)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
 
-    try:
-        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "GlooWeightTransferEngine")
-    except ValueError:  # already registered in this process
-        pass
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = BACKEND
+
+    master_address: str
+    world_size: int  # the sender plus every engine worker
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    timeout_s: float = 600.0
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool,
+                 bucket_bytes: int) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.bucket_bytes = bucket_bytes
+        self.group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client: VLLMWeightSyncClient,
+                     source: WeightSource | None = None) -> GlooTrainerWeightTransferEngine:
+        if source is None:
+            raise ValueError("gloo trainer weight transfer requires a WeightSource.")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                     bucket_bytes=init_info.bucket_bytes)
+        if not engine.is_sender:
+            return engine
+        info = init_info
+        store = rendezvous_store(info.master_address, 0, 0, info.world_size, info.timeout_s)
+        worker_init = {"master_address": info.master_address, "master_port": store.port,
+                       "world_size": info.world_size, "rank_offset": 1, "timeout_s": info.timeout_s}
+        joined = in_background(lambda: client.init_weight_transfer_engine(worker_init))
+        engine.group = gloo_group(store, 0, info.world_size, info.timeout_s)
+        joined.result()
+        return engine
+
+    def send_weights(self) -> None:
+        if not self.is_sender:
+            for _ in self.source:  # the gathers that feed rank 0 are collectives
+                pass
+            return
+        if self.group is None:
+            raise RuntimeError("trainer_init() must run before send_weights()")
+        self.client.start_weight_update()
+        for bucket in buckets(self.source, self.bucket_bytes):
+            received = in_background(lambda b=bucket: self.client.update_weights(bucket_meta(b)))
+            broadcast(self.group, pack(bucket))
+            received.result()
+        self.client.finish_weight_update()
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+def register() -> None:
+    """vLLM plugin entry point (and the trainer's weight sync): make the "gloo" backend known in this process."""
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    for factory, cls in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
+                         (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine")):
+        try:
+            factory.register_engine(BACKEND, __name__, cls)
+        except ValueError:  # already registered in this process
+            pass

@@ -1,109 +1,176 @@
-"""Trainer side of the weight sync: send HF-named tensors to every engine through vLLM's weight-transfer routes.
+"""Trainer side of the weight sync, through vLLM's own trainer API.
 
-Lifecycle per sync: ``start_weight_update`` on every engine, then per bucket an
-``update_weights`` call to every engine (each blocks in its workers until the bucket's
-broadcast arrives) while the sender broadcasts the packed bucket, then ``finish_weight_update``
-with the new weight version. The group (sender = rank 0, then every engine's workers) is
-formed once by ``connect``. Backend "gloo" on CPU (``gloo_transfer``); the same routes drive
-vLLM's NCCL backend on GPU.
+Every trainer rank builds a ``WeightSync``; it calls ``WeightTransferTrainerFactory.trainer_init``
+with a ``MegatronWeightSource`` (the one mapping's HF names, gathered across TP and PP) and an
+``EnginesClient`` (vLLM's four control-plane calls fanned out to every engine). The backend is
+our gloo engine on CPU and vLLM's own NCCL engine on GPU: the same code drives both. Rank 0 is the
+sender; the other ranks take part in the gathers. The Z head is never sent.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import httpx
 import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer import ParamMeta, WeightSource, WeightTransferTrainerFactory
 
-from flowrl_megatron.rollout.gloo_group import broadcast, join_group
-from flowrl_megatron.rollout.weight_buckets import DEFAULT_BUCKET_BYTES, bucket_meta, buckets, pack
+from flowrl_megatron.conversion.gather import hf_metadata, iter_hf_tensors
+from flowrl_megatron.models.arch import ModelArch
+from flowrl_megatron.rollout import gloo_transfer
+from flowrl_megatron.rollout.gloo_transfer import GlooTrainerInitInfo, in_background
+from flowrl_megatron.rollout.weight_buckets import DEFAULT_BUCKET_BYTES
 
 
 class WeightSyncError(RuntimeError):
     pass
 
 
-class WeightSender:
-    def __init__(self, engine_urls: Sequence[str], engine_tp_sizes: Sequence[int], api_key: str, *,
-                 address: str = "127.0.0.1", port: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float = 600.0) -> None:
-        self.urls = list(engine_urls)
-        self.tp = list(engine_tp_sizes)
-        self.address, self.port = address, port
-        self.bucket_bytes = bucket_bytes
-        self.timeout_s = timeout_s
+class MegatronWeightSource(WeightSource):
+    """This rank's Megatron stage as full HF-named tensors (yielded on global rank 0 only)."""
+
+    def __init__(self, model: torch.nn.Module, arch: ModelArch) -> None:
+        self.model, self.arch = model, arch
+        self.dtype = next(model.parameters()).dtype
+        self.keep_on_device = torch.cuda.is_available()  # NCCL sends from the GPU
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(name, self.dtype, tuple(shape)) for name, shape in hf_metadata(self.arch)]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_hf_tensors(self.model, self.arch, keep_on_device=self.keep_on_device)
+
+
+class EnginesClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over the HTTP routes of K engines at once.
+
+    A trainer engine addresses "the workers" as ranks ``rank_offset..``; engine i's workers get
+    ``rank_offset + sum(tp[:i])``, so one group spans every engine. Each call returns once every
+    engine answered. ``finish_weight_update`` stamps a weight version that counts the syncs.
+    """
+
+    def __init__(self, urls: Sequence[str], tp_sizes: Sequence[int], api_key: str, timeout_s: float = 600.0) -> None:
+        if len(urls) != len(tp_sizes):
+            raise ValueError(f"{len(urls)} engine URLs but {len(tp_sizes)} TP sizes")
+        self.urls, self.tp = list(urls), list(tp_sizes)
         self.http = httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout_s)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(len(self.urls), 1))
-        self.group = None
         self.version = 0
 
-    def _post_all(self, route: str, bodies: Sequence[dict]) -> list[concurrent.futures.Future]:
-        return [self.pool.submit(self._post, url, route, body) for url, body in zip(self.urls, bodies, strict=True)]
+    @property
+    def num_workers(self) -> int:
+        return sum(self.tp)
 
     def _post(self, url: str, route: str, body: dict) -> None:
         r = self.http.post(f"{url}/{route}", json=body)
         if r.status_code != 200:
             raise WeightSyncError(f"{url}/{route} answered HTTP {r.status_code}: {r.text[:500]}")
 
-    @staticmethod
-    def _wait(futures: list[concurrent.futures.Future]) -> None:
+    def _post_all(self, route: str, bodies: Sequence[dict]) -> None:
+        futures = [in_background(lambda u=url, b=body: self._post(u, route, b))
+                   for url, body in zip(self.urls, bodies, strict=True)]
         for f in futures:
             f.result()
 
-    def connect(self) -> None:
-        world = 1 + sum(self.tp)
-        offsets = [1 + sum(self.tp[:i]) for i in range(len(self.tp))]
-        inits = self._post_all("init_weight_transfer_engine", [
-            {"init_info": {"master_address": self.address, "master_port": self.port, "world_size": world,
-                           "rank_offset": off, "timeout_s": self.timeout_s}} for off in offsets])
-        self.group = join_group(self.address, self.port, 0, world, self.timeout_s)
-        self._wait(inits)
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        offsets = [init_info["rank_offset"] + sum(self.tp[:i]) for i in range(len(self.urls))]
+        self._post_all("init_weight_transfer_engine",
+                       [{"init_info": {**init_info, "rank_offset": off}} for off in offsets])
 
-    def reconnect(self, port: int) -> None:
-        """Form a new group (after an engine restart): every engine releases the old one, all join a new one.
+    def start_weight_update(self) -> None:
+        self._post_all("start_weight_update", [{}] * len(self.urls))
 
-        A restarted engine has no group and vLLM's gloo ranks cannot be replaced in place; the caller then
-        sends the current weights again, so the new engine serves the same version as the others.
-        """
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._post_all("update_weights", [{"update_info": update_info}] * len(self.urls))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.version += 1
+        body = {"weight_version": weight_version or str(self.version)}
+        self._post_all("finish_weight_update", [body] * len(self.urls))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        """Best effort: an engine that never joined (a restarted one) has nothing to release."""
         for url in self.urls:
             try:
                 self._post(url, "shutdown_weight_transfer_engine", {})
             except (WeightSyncError, httpx.HTTPError):
-                pass  # an engine that never joined (the restarted one) has nothing to release
-        self.group = None
-        self.port = port
-        self.connect()
-
-    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Send one full set of weights; returns the new weight version."""
-        if self.group is None:
-            raise WeightSyncError("call connect() before send()")
-        self._wait(self._post_all("start_weight_update", [{}] * len(self.urls)))
-        for bucket in buckets(named, self.bucket_bytes):
-            meta = bucket_meta(bucket)
-            updates = self._post_all("update_weights", [{"update_info": meta}] * len(self.urls))
-            broadcast(self.group, pack(bucket))
-            self._wait(updates)
-        self.version += 1
-        self._wait(self._post_all("finish_weight_update", [{"weight_version": str(self.version)}] * len(self.urls)))
-        return self.version
+                pass
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
         self.http.close()
-        self.group = None
 
 
-def sync_from_megatron(model: torch.nn.Module, arch, sender: WeightSender | None) -> int | None:
-    """Every trainer rank calls this after an optimizer step. Rank 0 (the one with the sender) streams the
-    HF-named weights to the engines bucket by bucket as they arrive; the others feed that stream (TP all-gathers,
-    sends from their pipeline stage). Returns the new weight version on rank 0. The Z head is never sent."""
-    from flowrl_megatron.conversion.gather import iter_hf_tensors
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
 
-    stream = iter_hf_tensors(model, arch)
-    if sender is None:
-        for _ in stream:
-            pass
-        return None
-    return sender.send(stream)
+
+class WeightSync:
+    """Connect once, then ``send()`` after every optimizer step, on every trainer rank.
+
+    ``client`` is needed on rank 0 only (the sender); pass None elsewhere. ``backend`` is the one the
+    engines were started with (``EngineConfig.weight_transfer_backend``).
+    """
+
+    def __init__(self, source: WeightSource, client: EnginesClient | None, num_workers: int, *, backend: str,
+                 address: str = "127.0.0.1", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 timeout_s: float = 600.0, version: int = 0) -> None:
+        gloo_transfer.register()
+        self.source, self.client = source, client
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.rank == 0 and client is None:
+            raise ValueError("the sender (trainer rank 0) needs an EnginesClient")
+        self.num_workers, self.backend, self.address = num_workers, backend, address
+        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        self.engine = None
+        self.version = version  # a resumed run continues its count
+
+    def _init_info(self):
+        world = 1 + self.num_workers
+        if self.backend == "gloo":
+            return GlooTrainerInitInfo(self.address, world, self.bucket_bytes, self.timeout_s, rank=self.rank)
+        if self.backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            # vLLM's NCCL trainer takes the port up front (its rendezvous store is created inside).
+            port = _free_port(self.address) if self.rank == 0 else 0
+            return NCCLTrainerInitInfo(self.address, port, world, packed_buffer_size_bytes=self.bucket_bytes,
+                                       rank=self.rank)
+        raise ValueError(f"unknown weight-transfer backend {self.backend!r}; use 'gloo' (CPU) or 'nccl' (GPU)")
+
+    def connect(self) -> WeightSync:
+        self.engine = WeightTransferTrainerFactory.trainer_init(self._init_info(), client=self.client,
+                                                                source=self.source)
+        return self
+
+    def send(self) -> int:
+        """Send the current weights to every engine; returns the new weight version (on every rank)."""
+        if self.engine is None:
+            raise WeightSyncError("call connect() before send()")
+        if self.client is not None:
+            self.client.version = self.version  # the stamp the engines show at /weight_info
+        self.engine.send_weights()
+        self.version += 1
+        return self.version
+
+    def reconnect(self) -> None:
+        """Form a new group (after an engine restart): every engine releases the old one, all join a new one.
+
+        A restarted engine has no group, and a collective group's ranks cannot be replaced in place; the caller
+        then sends the current weights again so the new engine serves the same version as the others.
+        """
+        if self.client is not None:
+            self.client.shutdown_weight_transfer_engine()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.connect()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        if self.client is not None:
+            self.client.close()

@@ -37,6 +37,21 @@ def test_to_hf_inverts_to_megatron_and_tp_merge_inverts_tp_shard(fixture, reques
             assert torch.equal(tp_merge(rule, shards), full), (rule.key, tp)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied", "tiny_llama"])
+def test_hf_metadata_names_every_checkpoint_tensor_once_with_its_shape(fixture, request):
+    """What weight-sync receivers size their buffers from must be exactly the HF checkpoint's tensors."""
+    from safetensors import safe_open
+
+    from flowrl_megatron.conversion.gather import hf_metadata
+
+    model_dir = request.getfixturevalue(fixture)
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        expected = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    meta = hf_metadata(load_arch(model_dir))
+    assert len(meta) == len(expected)
+    assert {n: list(s) for n, s in meta} == expected
+
+
 def test_qkv_is_interleaved_per_query_group(tiny_untied):
     arch = load_arch(tiny_untied)  # 4 query heads of 32, 2 KV heads
     (rule,) = [r for r in weight_rules(arch) if r.key.endswith("linear_qkv.weight")]

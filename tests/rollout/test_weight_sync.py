@@ -26,7 +26,8 @@ def setup(tiny_untied, tmp_path_factory):
 def run(setup, tp: int, pp: int, train_step: bool) -> dict:
     ckpt, group = setup
     results = run_distributed("tests.rollout.workers:sync_to_engines", tp * pp, timeout=600, ckpt=str(ckpt), tp=tp,
-                              pp=pp, urls=[e.url for e in group.engines], api_key=group.api_key,
+                              pp=pp, urls=[e.url for e in group.engines],
+                              engine_tp=[group.cfg.tensor_parallel_size] * len(group.engines), api_key=group.api_key,
                               train_step=train_step)
     return {k: v for r in results for k, v in r.items() if v}  # the last stage reports the comparisons
 
@@ -36,6 +37,16 @@ def test_synced_engines_reproduce_the_trainers_logprobs(setup, tp, pp):
     r = run(setup, tp, pp, train_step=False)
     assert set(r["after_sync"]) == {"engine0", "engine1"}
     assert max(r["after_sync"].values()) <= TOL
+
+
+def test_trainer_pp2_to_an_engine_at_tp2(setup, tiny_untied, tmp_path):
+    """Each of the engine's two workers receives every bucket and loads its own TP shard of the trained weights."""
+    ckpt, _ = setup
+    cfg = EngineConfig(model=str(tiny_untied), max_model_len=256, tensor_parallel_size=2)
+    with EngineGroup(cfg, 1, tmp_path / "logs") as tp2:
+        r = run((ckpt, tp2), 1, 2, train_step=True)
+    assert r["before_sync"]["engine0"] > 100 * TOL
+    assert r["after_sync"]["engine0"] <= TOL
 
 
 def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):

@@ -39,7 +39,7 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
             for e in engines for idx in [torch.tensor([i for i, s in enumerate(samples) if s[3] == e])]}
 
 
-def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str,
+def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: list[int], api_key: str,
                     train_step: bool) -> dict:
     """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
     from flowrl_megatron.algorithms.losses import AlgorithmConfig
@@ -68,8 +68,8 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], api_key: str,
         forward_backward([ddp], batch, AlgorithmConfig(), micro_batch_size=8, vocab_size=arch.vocab_size)
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
-    engines = EnginesClient(urls, [1] * len(urls), api_key) if dist.get_rank() == 0 else None
-    sync = WeightSync(MegatronWeightSource(model, arch), engines, len(urls), backend="gloo",
+    engines = EnginesClient(urls, engine_tp, api_key) if dist.get_rank() == 0 else None
+    sync = WeightSync(MegatronWeightSource(model, arch), engines, sum(engine_tp), backend="gloo",
                       bucket_bytes=512 * 1024).connect()
     version = sync.send()  # streamed from every stage, bucket by bucket
     sync.close()

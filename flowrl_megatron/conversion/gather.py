@@ -71,8 +71,10 @@ def iter_hf_tensors(
         if stage == pp_rank and in_first_replica:
             local = rule.param.format(i=layer - stage * layers_per_stage if rule.per_layer else None)
             shard = tensor_of(params[local]).detach().contiguous()
-            shards = [torch.empty_like(shard) for _ in range(tp)]
-            dist.all_gather(shards, shard, group=tp_group)
+            shards = [shard]
+            if tp > 1:
+                shards = [torch.empty_like(shard) for _ in range(tp)]
+                dist.all_gather(shards, shard, group=tp_group)
             full = [t.contiguous() for t in to_hf(rule, arch, tp_merge(rule, shards))]
             if sender and rank != 0:
                 for t in full:

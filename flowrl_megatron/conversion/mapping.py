@@ -237,7 +237,7 @@ def tp_shard(rule: WeightRule, tensor: torch.Tensor, tp: int, rank: int) -> torc
 
 def tp_merge(rule: WeightRule, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of ``tp_shard``: the TP ranks' parts (in rank order) -> the full tensor."""
-    if rule.tp_axis is None:
+    if rule.tp_axis is None or len(shards) == 1:
         return shards[0]
     if rule.kind == "gate_up":
         halves = [s.chunk(2, dim=rule.tp_axis) for s in shards]

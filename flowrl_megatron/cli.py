@@ -1,27 +1,86 @@
-"""The ``flowrl`` command."""
+"""The ``flowrl`` command: train, plot, demo."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+
+from flowrl_megatron.errors import UserError, run_cli
+
+TRAIN_HELP = """\
+Train with FlowRL (or GRPO / REINFORCE++, algorithm.name=...) from a YAML recipe.
+
+Every setting can be overridden as section.key=value, e.g.
+  flowrl train recipes/tiny_cpu.yaml train.steps=20 algorithm.name=grpo run_dir=runs/grpo
+Sections: model (path, megatron_checkpoint, tp, pp, dtype), data (train_files, prompt_key, answer_key,
+template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollout (engines, engine_tp, n,
+max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, max_mismatch), algorithm (name, beta,
+importance_weight, clip_eps, weight_cap, reward_normalization, kl_coef), z_head (variant, dropout,
+detach_input, lr_mult, init_seed), train (steps, prompts_per_step, mini_batch_prompts, epochs,
+micro_batch_size, lr, weight_decay, warmup_steps, grad_clip, seed), checkpoint (every, keep), and
+run_dir, dp. The whole configuration is checked before anything starts; the resolved one is written to
+RUN_DIR/config.yaml. A run directory with a checkpoint resumes from its latest one.
+
+Starts torchrun with model.tp x model.pp x dp processes on this machine (gloo on CPU, NCCL on GPU);
+rank 0 also starts the vLLM engines and the reward workers.
+"""
+
+
+def train(args: argparse.Namespace) -> int:
+    from flowrl_megatron.config import load_config
+    from flowrl_megatron.runtime.distributed import free_port
+    from flowrl_megatron.trainer import write_run_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    config_path = write_run_config(cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.world_size}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "flowrl_megatron.trainer",
+           str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
+def plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowrl_megatron.metrics import plot_run
+
+    if not Path(args.run_dir, "metrics.jsonl").is_file():
+        raise UserError(f"{args.run_dir} has no metrics.jsonl; pass the run_dir of a training run.")
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    print("flowrl demo: not yet implemented. Train with `flowrl train RECIPE` (see `flowrl train --help`); "
+          "the FlowRL vs GRPO diversity demo is the next piece of work.", file=sys.stderr)
+    return 3
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flowrl",
-        description="FlowRL post-training on Megatron-core with vLLM rollouts. "
-        "Checkpoint conversion: python -m checkpoints_tools.hf_to_megatron / megatron_to_hf.",
-    )
+    parser = argparse.ArgumentParser(prog="flowrl", description="FlowRL post-training on Megatron-core with vLLM "
+                                     "rollouts. Checkpoint conversion: python -m checkpoints_tools.hf_to_megatron / "
+                                     "megatron_to_hf.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="tiny end-to-end FlowRL vs GRPO run on CPU (arrives with the trainer)")
+    p = sub.add_parser("train", help="train from a recipe", description=TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value settings that replace the recipe's")
+    p.set_defaults(func=train)
+    p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=plot)
+    p = sub.add_parser("demo", help="tiny end-to-end FlowRL vs GRPO run on CPU (not yet implemented)")
+    p.set_defaults(func=demo)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        print(
-            "flowrl demo: not yet implemented. The end-to-end FlowRL vs GRPO demo needs the trainer, "
-            "which is not built yet; today the project provides the CPU runtime, the Megatron model "
-            "builder, checkpoint conversion, the FlowRL/GRPO/REINFORCE++ objectives with a toy "
-            "distribution-matching proof (bench/toy_distribution_matching.py) and vLLM rollout engines "
-            "(see README.md).",
-            file=sys.stderr,
-        )
-        sys.exit(3)
+    code = 0
+
+    def run() -> None:
+        nonlocal code
+        code = args.func(args)
+
+    run_cli(run)
+    sys.exit(code)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,13 @@ from typing import Any
 
 import psutil
 
+from flowrl_megatron.runtime.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 class DistributedFailure(AssertionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_distributed(target: str, nproc: int, timeout: float = 300, **kwargs: Any) -> list[Any]:
@@ -42,7 +37,7 @@ def run_distributed(target: str, nproc: int, timeout: float = 300, **kwargs: Any
             "torch.distributed.run",
             f"--nproc-per-node={nproc}",
             "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}",
+            f"--master-port={free_port()}",
             "-m",
             "tests.dist_entry",
             target,

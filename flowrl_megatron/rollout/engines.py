@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,12 @@ from pathlib import Path
 import torch
 
 from flowrl_megatron.errors import UserError
+from flowrl_megatron.runtime.distributed import free_port
+
+
+def default_weight_transfer_backend() -> str:
+    """vLLM weight-transfer backend for syncing from the trainer: gloo (ours) on CPU, vLLM's nccl on GPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 @dataclass(frozen=True)
@@ -40,16 +45,9 @@ class EngineConfig:
     dtype: str = field(default_factory=lambda: "auto" if torch.cuda.is_available() else "float32")
     kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE); the default fraction of RAM fails here
     gpu_memory_utilization: float = 0.85
-    # vLLM weight-transfer backend for syncing from the trainer: gloo (ours) on CPU, vLLM's nccl on GPU.
-    weight_transfer_backend: str = field(default_factory=lambda: "nccl" if torch.cuda.is_available() else "gloo")
+    weight_transfer_backend: str = field(default_factory=default_weight_transfer_backend)
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def cpu_threads_bind(tp: int) -> str:

@@ -9,7 +9,6 @@ sender; the other ranks take part in the gathers. The Z head is never sent.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from flowrl_megatron.models.arch import ModelArch
 from flowrl_megatron.rollout import gloo_transfer
 from flowrl_megatron.rollout.gloo_transfer import GlooTrainerInitInfo, in_background
 from flowrl_megatron.rollout.weight_buckets import DEFAULT_BUCKET_BYTES
+from flowrl_megatron.runtime.distributed import free_port
 
 
 class WeightSyncError(RuntimeError):
@@ -102,12 +102,6 @@ class EnginesClient:
         self.http.close()
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
-
-
 class WeightSync:
     """Connect once, then ``send()`` after every optimizer step, on every trainer rank.
 
@@ -136,7 +130,7 @@ class WeightSync:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
             # vLLM's NCCL trainer takes the port up front (its rendezvous store is created inside).
-            port = _free_port(self.address) if self.rank == 0 else 0
+            port = free_port(self.address) if self.rank == 0 else 0
             return NCCLTrainerInitInfo(self.address, port, world, packed_buffer_size_bytes=self.bucket_bytes,
                                        rank=self.rank)
         raise ValueError(f"unknown weight-transfer backend {self.backend!r}; use 'gloo' (CPU) or 'nccl' (GPU)")
@@ -146,15 +140,17 @@ class WeightSync:
                                                                 source=self.source)
         return self
 
-    def send(self) -> int:
-        """Send the current weights to every engine; returns the new weight version (on every rank)."""
+    def send(self, version: int | None = None) -> int:
+        """Send the current weights to every engine; returns their weight version (on every rank): the next one,
+        or ``version`` when re-sending weights that already have one (after a resume or an engine restart)."""
         if self.engine is None:
             raise WeightSyncError("call connect() before send()")
+        new = self.version + 1 if version is None else version
         if self.client is not None:
-            self.client.version = self.version  # the stamp the engines show at /weight_info
+            self.client.version = new - 1  # finish_weight_update stamps the next number (seen at /weight_info)
         self.engine.send_weights()
-        self.version += 1
-        return self.version
+        self.version = new
+        return new
 
     def reconnect(self) -> None:
         """Form a new group (after an engine restart): every engine releases the old one, all join a new one.

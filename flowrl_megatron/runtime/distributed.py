@@ -53,7 +53,7 @@ def init_distributed(timeout_minutes: int = 10) -> None:
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group(
         backend=backend(),
         rank=int(os.environ.get("RANK", 0)),
@@ -94,9 +94,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now (another process may take it before it is bound: prefer port 0 where the API allows)."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]

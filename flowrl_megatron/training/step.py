@@ -6,9 +6,10 @@ response, right-padded), token-aligned: position t of ``*_logprobs`` holds log p
     tokens         [B, S] long
     prompt_mask    [B, S] bool   the prompt's tokens (Z-head pooling)
     response_mask  [B, S] bool   the response's tokens (the loss)
-    old_logprobs   [B, S] float  policy that sampled (importance weights)
-    ref_logprobs   [B, S] float  frozen reference
     advantages     [B]    float  normalised rewards
+    old_logprobs   [B, S] float  policy that sampled (importance weights); absent: on-policy, w = 1
+    ref_logprobs   [B, S] float  frozen reference; absent: zeros (GRPO without a KL term)
+    rollout_logprobs [B, S] float  the engines' log-probs; present: train-vs-rollout mismatch is reported
 """
 
 from __future__ import annotations
@@ -91,11 +92,19 @@ def forward_backward(
             logits, log_z = output if isinstance(output, tuple) else (output, None)
             lp, ent = token_logprobs(logits, mb["tokens"], vocab_size, temperature)
             total, count, stats = policy_loss(cfg, LossInputs(
-                logprobs=lp, entropy=ent, old_logprobs=mb["old_logprobs"], ref_logprobs=mb["ref_logprobs"],
+                logprobs=lp, entropy=ent,
+                old_logprobs=mb["old_logprobs"] if "old_logprobs" in mb else lp.detach(),  # on-policy: w = 1
+                ref_logprobs=mb["ref_logprobs"] if "ref_logprobs" in mb else torch.zeros_like(lp),
                 response_mask=mb["response_mask"], advantages=mb["advantages"], log_z=log_z,
             ))
+            mask = mb["response_mask"]
+            if "rollout_logprobs" in mb:  # weights the engines sampled with: their log-probs must agree
+                diff = lp.detach() - mb["rollout_logprobs"]
+                stats["tok/mismatch_abs_diff"] = (diff.abs() * mask).sum()
+                stats["tok/mismatch_prob_ratio"] = (diff.exp() * mask).sum()
+                stats["max/mismatch_abs_diff"] = (diff.abs() * mask).max()
             stats["count/sequences"] = torch.tensor(float(lp.shape[0]))
-            stats["count/tokens"] = mb["response_mask"].sum().float()
+            stats["count/tokens"] = mask.sum().float()
             return total, count, stats
 
         return out, loss_func

@@ -1,0 +1,257 @@
+"""One typed run configuration: YAML recipes, ``key=value`` overrides, validation before any model is built.
+
+A recipe is a YAML file whose top-level sections are the fields of ``RunConfig``; an override
+``train.lr=1e-6`` sets one leaf (its value parsed as YAML). Unknown keys, wrong types and settings
+that contradict each other are ``UserError``s that name the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flowrl_megatron.algorithms.losses import AlgorithmConfig
+from flowrl_megatron.errors import UserError
+from flowrl_megatron.models.z_head import ZHeadConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # Hugging Face directory: config, tokenizer, and the weights engines start from
+    megatron_checkpoint: str = ""  # its Megatron conversion; empty: converted into the run directory at start
+    tp: int = 1
+    pp: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # parquet / jsonl / json files, or one saved dataset dir
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    template: Literal["dapo", "chat", "raw"] = "dapo"  # raw: the prompt text as is
+    max_prompt_tokens: int = 2048
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"  # see flowrl_megatron.rewards.REWARDS, or package.module:function
+    workers: int = 2
+    timeout_s: float = 10.0  # per sample; a timeout scores as wrong and is counted
+
+
+@dataclass
+class RolloutConfig:
+    engines: int = 1
+    engine_tp: int = 1
+    n: int = 8  # responses per prompt
+    max_response_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_concurrency: int = 256
+    bucket_mib: int = 256  # weight-sync bucket size
+    max_mismatch: float = 0.05  # stop when the mean |train - rollout| log-prob of sampled tokens exceeds this
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 512
+    mini_batch_prompts: int = 32  # prompts per optimizer step
+    epochs: int = 1  # passes over each rollout batch
+    micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    warmup_steps: int = 10  # optimizer steps
+    grad_clip: float = 1.0
+    seed: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps; 0 = only at the end
+    keep: int = 2
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/flowrl"
+    dp: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    z_head: ZHeadConfig = field(default_factory=ZHeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.model.tp * self.model.pp * self.dp
+
+
+def _check_value(where: str, hint: Any, value: Any) -> Any:
+    """``value`` converted to ``hint`` (int -> float allowed), or a UserError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise UserError(f"{where} must be one of {list(typing.get_args(hint))}, got {value!r}.")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _check_value(where, args[0], value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}.")
+        return [_check_value(f"{where}[{i}]", typing.get_args(hint)[0], v) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{where} must be a list, got {value!r}.")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise UserError(f"{where} must be {hint.__name__}, got {value!r}.")
+    return value
+
+
+def _apply(obj: Any, path: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        where = f"{path}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {path}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"unknown setting {where}{hint}.")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{where} is a section; set its keys, e.g. {where}.{names[0]}=...")
+            nested = dataclasses.replace(current)  # a copy: the defaults of other configs stay untouched
+            _apply(nested, f"{where}.", value)
+            object.__setattr__(obj, key, nested)
+        else:  # object.__setattr__: some sections (AlgorithmConfig, ZHeadConfig) are frozen
+            object.__setattr__(obj, key, _check_value(where, hints[key], value))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not key=value (e.g. train.lr=1e-6).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Recipe file + overrides -> a validated ``RunConfig``."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"recipe {path} does not exist; see recipes/ for examples.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(values, dict):
+            raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train: ...).")
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    cfg = RunConfig()
+    _apply(cfg, "", values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every inconsistency a run would hit later, now, in one sentence each."""
+    from flowrl_megatron.models.arch import load_arch
+
+    m, d, r, t, ro = cfg.model, cfg.data, cfg.reward, cfg.train, cfg.rollout
+    if not m.path:
+        raise UserError("model.path is not set; point it at a Hugging Face model directory (config.json, tokenizer).")
+    if not Path(m.path, "config.json").is_file():
+        raise UserError(f"model.path {m.path} has no config.json; it must be a Hugging Face model directory.")
+    if m.megatron_checkpoint and not Path(m.megatron_checkpoint, "flowrl_checkpoint.json").is_file():
+        raise UserError(f"model.megatron_checkpoint {m.megatron_checkpoint} is not a converted checkpoint; make one "
+                        "with python -m checkpoints_tools.hf_to_megatron, or leave it empty to convert at start.")
+    for name, value in (("model.tp", m.tp), ("model.pp", m.pp), ("dp", cfg.dp), ("rollout.engines", ro.engines),
+                        ("rollout.engine_tp", ro.engine_tp), ("train.steps", t.steps), ("reward.workers", r.workers),
+                        ("train.micro_batch_size", t.micro_batch_size), ("train.epochs", t.epochs),
+                        ("rollout.max_response_tokens", ro.max_response_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}.")
+    arch = load_arch(m.path)
+    arch.check_layout(m.tp, m.pp)
+    if not d.train_files:
+        raise UserError("data.train_files is empty; list parquet/jsonl/json files or a saved dataset directory.")
+    for f in d.train_files:
+        if not Path(f).exists():
+            raise UserError(f"data file {f} does not exist.")
+    from flowrl_megatron.rewards import REWARDS, resolve_reward
+
+    try:
+        resolve_reward(r.name)
+    except (KeyError, ImportError, AttributeError):
+        raise UserError(f"reward.name {r.name!r} is unknown; use one of {', '.join(sorted(REWARDS))} or "
+                        "package.module:function.") from None
+    if ro.n < 2 and cfg.algorithm.normalization == "group":
+        raise UserError(f"rollout.n={ro.n}: group-normalised rewards need at least 2 responses per prompt.")
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise UserError(f"train.prompts_per_step={t.prompts_per_step} is not a multiple of "
+                        f"train.mini_batch_prompts={t.mini_batch_prompts}.")
+    rows = t.mini_batch_prompts * ro.n
+    if rows % (cfg.dp * t.micro_batch_size):
+        raise UserError(f"a mini-batch has {rows} sequences (mini_batch_prompts x n), which does not split into "
+                        f"dp={cfg.dp} ranks x micro_batch_size={t.micro_batch_size}; change one of them.")
+    if not 0 < ro.temperature <= 10 or not 0 < ro.top_p <= 1:
+        raise UserError("rollout.temperature must be in (0, 10] and rollout.top_p in (0, 1].")
+    if d.max_prompt_tokens + ro.max_response_tokens > arch.max_position_embeddings:
+        raise UserError(f"data.max_prompt_tokens + rollout.max_response_tokens = "
+                        f"{d.max_prompt_tokens + ro.max_response_tokens} exceeds the model's "
+                        f"max_position_embeddings ({arch.max_position_embeddings}); lower one of them.")
+    if cfg.checkpoint.keep < 1:
+        raise UserError("checkpoint.keep must be >= 1 (the latest checkpoint is always kept).")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

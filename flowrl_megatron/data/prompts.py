@@ -1,0 +1,137 @@
+"""Training prompts: files through ``datasets``, prompt templates, length filtering, a resumable order.
+
+Everything here runs on the driver (trainer rank 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowrl_megatron.config import DataConfig
+from flowrl_megatron.errors import UserError
+
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
+               "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+@dataclass(frozen=True)
+class Prompt:
+    row: int  # position in the loaded dataset (files concatenated in order)
+    token_ids: list[int]
+    answer: str
+
+
+def _read(path: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            return datasets.load_from_disk(str(path))
+        kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(path.suffix)
+        if kind is None:
+            raise UserError(f"{path}: unsupported data file type {path.suffix!r}; use .parquet, .jsonl or .json, "
+                            "or a directory written by Dataset.save_to_disk.")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} could not be read as a dataset: {first}") from None
+
+
+def _field(row: dict, key: str) -> Any:
+    value: Any = row
+    for part in key.split("."):  # dotted keys reach nested fields, e.g. reward_model.ground_truth
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def render(prompt: Any, template: str, tokenizer) -> list[int]:
+    """Prompt field (text, or a list of chat messages) -> token ids."""
+    if template == "raw":
+        if not isinstance(prompt, str):
+            raise ValueError("the raw template needs a text prompt")
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if template == "dapo" and isinstance(prompt, str):
+        messages = [{"role": "user", "content": DAPO_PREFIX + prompt + DAPO_SUFFIX}]
+    if tokenizer.chat_template is None:  # a base model without one: the user turn's text
+        return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@dataclass
+class PromptSet:
+    prompts: list[Prompt]
+    too_long: int  # filtered out: longer than max_prompt_tokens
+
+
+def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
+    prompts: list[Prompt] = []
+    too_long = 0
+    row_base = 0
+    for file in cfg.train_files:
+        table = _read(Path(file))
+        for i, row in enumerate(table):
+            text, answer = _field(row, cfg.prompt_key), _field(row, cfg.answer_key)
+            where = f"{file} row {i}"
+            if not isinstance(text, str | list) or not text:
+                raise UserError(f"{where}: field {cfg.prompt_key!r} is missing or not text (got {text!r:.80}); "
+                                "set data.prompt_key to the prompt column.")
+            if answer is None:
+                raise UserError(f"{where}: field {cfg.answer_key!r} is missing; set data.answer_key to the answer "
+                                "column.")
+            try:
+                ids = render(text, cfg.template, tokenizer)
+            except (ValueError, TypeError, KeyError) as e:
+                raise UserError(f"{where}: the prompt does not fit template {cfg.template!r}: {e}") from None
+            if len(ids) > cfg.max_prompt_tokens:
+                too_long += 1
+                continue
+            prompts.append(Prompt(row_base + i, ids, str(answer)))
+        row_base += len(table)
+    if not prompts:
+        raise UserError(f"no usable prompts in {cfg.train_files} ({too_long} longer than data.max_prompt_tokens="
+                        f"{cfg.max_prompt_tokens}).")
+    return PromptSet(prompts, too_long)
+
+
+class PromptStream:
+    """Epoch after epoch over the prompts, each epoch in its own seeded order; resumable from ``state()``."""
+
+    def __init__(self, count: int, seed: int, shuffle: bool = True) -> None:
+        self.count, self.seed, self.shuffle = count, seed, shuffle
+        self.epoch, self.offset = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.count))
+        return torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.offset == self.count:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            n = min(k - len(out), self.count - self.offset)
+            out += self._order[self.offset : self.offset + n]
+            self.offset += n
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._epoch_order()

@@ -1,0 +1,73 @@
+"""Score samples in worker processes, each under a time limit: a timeout scores 0 and is counted, never hangs.
+
+Each sample runs under a ``SIGALRM`` timer in its worker (pure-Python loops in sympy and friends are
+interrupted there). If a worker is stuck where no signal reaches it, the batch deadline kills the whole
+pool, counts what did not finish as timeouts and starts a fresh pool.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout
+
+
+def _score(name: str, response: str, answer: str, timeout_s: float) -> tuple[float, str]:
+    from flowrl_megatron.rewards import resolve_reward
+
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return float(resolve_reward(name)(response, answer)), "ok"
+    except _Timeout:
+        return 0.0, "timeout"
+    except Exception:  # a grader crash on odd model output scores as wrong, counted apart
+        return 0.0, "error"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@dataclass
+class Scores:
+    rewards: list[float]
+    timeouts: int
+    errors: int
+
+
+class RewardPool:
+    def __init__(self, name: str, workers: int, timeout_s: float) -> None:
+        self.name, self.workers, self.timeout_s = name, workers, timeout_s
+        self._ctx = multiprocessing.get_context("spawn")  # the trainer process has threads; no fork
+        self._pool = self._ctx.Pool(workers)
+
+    def score(self, responses: list[str], answers: list[str]) -> Scores:
+        jobs = [self._pool.apply_async(_score, (self.name, r, a, self.timeout_s))
+                for r, a in zip(responses, answers, strict=True)]
+        # Every sample gets its own limit; queued ones wait for a free worker first.
+        deadline_s = self.timeout_s * (math.ceil(len(jobs) / self.workers) + 1) + 30.0
+        end = time.monotonic() + deadline_s
+        results: list[tuple[float, str]] = []
+        for job in jobs:
+            try:
+                results.append(job.get(timeout=max(0.0, end - time.monotonic())))
+            except multiprocessing.TimeoutError:
+                break
+        if len(results) < len(jobs):  # a worker no signal could stop: replace the pool
+            self._pool.terminate()
+            self._pool = self._ctx.Pool(self.workers)
+            results += [(0.0, "timeout")] * (len(jobs) - len(results))
+        return Scores([r for r, _ in results], sum(s == "timeout" for _, s in results),
+                      sum(s == "error" for _, s in results))
+
+    def close(self) -> None:
+        self._pool.terminate()

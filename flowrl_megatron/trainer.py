@@ -1,0 +1,356 @@
+"""The training loop (ARCHITECTURE.md's step), run on every trainer rank under torchrun.
+
+Rank 0 is also the driver: it owns the prompts, the rollout engines and client, and the reward pool.
+One step: prompts -> engines (n samples each, seeded by step and prompt) -> rewards -> the batch,
+broadcast to every rank -> normalised rewards -> reference (and, when off-policy mini-batches follow,
+old) log-probs -> per mini-batch of prompts: forward_backward + optimizer step, ``epochs`` times ->
+weight sync to the engines -> metrics -> checkpoint every ``checkpoint.every`` steps.
+
+    python -m torch.distributed.run --nproc-per-node N -m flowrl_megatron.trainer RUN_DIR/config.yaml
+    (``flowrl train RECIPE key=value ...`` writes that file and starts torchrun)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+
+from flowrl_megatron.algorithms.losses import normalize_rewards
+from flowrl_megatron.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    save_training_state,
+)
+from flowrl_megatron.config import RunConfig, load_config
+from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
+from flowrl_megatron.models.arch import load_arch
+from flowrl_megatron.models.gpt import build_gpt_model
+from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch
+from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
+from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
+from flowrl_megatron.training.step import forward_backward, forward_logprobs
+
+
+def sample_seed(seed: int, step: int, prompt: int) -> int:
+    """The engines' seed for one prompt's samples: a resumed run asks for exactly the same samples."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + prompt) % (2**31 - 1)
+
+
+@dataclass
+class Driver:
+    """What only rank 0 holds."""
+
+    tokenizer: object
+    prompts: list
+    stream: object
+    pool: object
+    engines: object
+    client: object
+    filtered: int
+
+    def close(self) -> None:
+        self.pool.close()
+        self.engines.stop()
+
+
+def start_driver(cfg: RunConfig, run_dir: Path):
+    from transformers import AutoTokenizer
+
+    from flowrl_megatron.data.prompts import PromptStream, load_prompts
+    from flowrl_megatron.rewards.pool import RewardPool
+    from flowrl_megatron.rollout.client import RolloutClient
+    from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    loaded = load_prompts(cfg.data, tokenizer)
+    stream = PromptStream(len(loaded.prompts), cfg.train.seed, cfg.data.shuffle)
+    pool = RewardPool(cfg.reward.name, cfg.reward.workers, cfg.reward.timeout_s)
+    max_len = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+    engine_cfg = EngineConfig(model=cfg.model.path, tensor_parallel_size=cfg.rollout.engine_tp, max_model_len=max_len)
+    engines = EngineGroup(engine_cfg, cfg.rollout.engines, run_dir / "engine_logs").start()
+    client = RolloutClient([e.url for e in engines.engines], engines.api_key,
+                           max_concurrency=cfg.rollout.max_concurrency)
+    return Driver(tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long)
+
+
+def build_batch(prompts: list, groups: list, rewards: list[float]) -> dict[str, torch.Tensor]:
+    """Rows = prompt + response, right-padded, token-aligned (position t: log p(token_t | < t))."""
+    rows = [(p, s) for p, g in zip(prompts, groups, strict=True) for s in g]
+    width = max(len(p.token_ids) + len(s.token_ids) for p, s in rows)
+    b = len(rows)
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    prompt_mask = torch.zeros(b, width, dtype=torch.bool)
+    response_mask = torch.zeros(b, width, dtype=torch.bool)
+    rollout = torch.zeros(b, width)
+    for i, (p, s) in enumerate(rows):
+        n_p, n_r = len(p.token_ids), len(s.token_ids)
+        tokens[i, : n_p + n_r] = torch.tensor(p.token_ids + s.token_ids)
+        prompt_mask[i, :n_p] = True
+        response_mask[i, n_p : n_p + n_r] = True
+        rollout[i, n_p : n_p + n_r] = torch.tensor(s.logprobs)
+    n = len(groups[0])
+    return {
+        "tokens": tokens, "prompt_mask": prompt_mask, "response_mask": response_mask, "rollout_logprobs": rollout,
+        "rewards": torch.tensor(rewards, dtype=torch.float32), "group_ids": torch.arange(b) // n,
+        "truncated": torch.tensor([s.finish_reason == "length" for _, s in rows]),
+    }
+
+
+def local_rows(cfg: RunConfig) -> torch.Tensor:
+    """This data-parallel rank's rows: its contiguous share of every mini-batch, mini-batch after mini-batch."""
+    rows = cfg.train.mini_batch_prompts * cfg.rollout.n
+    share = rows // cfg.dp
+    dp_rank = parallel_state.get_data_parallel_rank()
+    minis = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    return torch.cat([torch.arange(k * rows + dp_rank * share, k * rows + (dp_rank + 1) * share) for k in range(minis)])
+
+
+def trimmed(batch: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Select rows and drop the padding columns none of them uses (same on every stage of this pipeline)."""
+    part = {k: v[rows] for k, v in batch.items()}
+    width = int((part["prompt_mask"] | part["response_mask"]).sum(1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in part.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        init_model_parallel(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
+        self.rank0 = dist.get_rank() == 0
+        self.arch = load_arch(cfg.model.path)
+        init_ckpt = self._initial_checkpoint()
+        self.policy = build_gpt_model(self.arch, z_head=cfg.z_head if cfg.algorithm.needs_log_z else None,
+                                      calculate_per_token_loss=True)
+        load_model_weights(self.policy, init_ckpt, new_prefixes=("z_head.",))
+        self.reference = None
+        if cfg.algorithm.needs_log_z or cfg.algorithm.kl_coef:
+            self.reference = build_gpt_model(self.arch, calculate_per_token_loss=True)
+            load_model_weights(self.reference, init_ckpt)
+            self.reference.eval()
+            self.reference.requires_grad_(False)
+        self.ddp = wrap_ddp(self.policy)
+        t = cfg.train
+        self.optimizer = build_optimizer([self.ddp], lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.grad_clip,
+                                         z_head_lr_mult=cfg.z_head.lr_mult)
+        self.minis = t.prompts_per_step // t.mini_batch_prompts
+        self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
+                                            total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
+        self.step = 0
+        self.version = 0
+        self.data_state: dict = {"epoch": 0, "offset": 0}
+        resumed = latest_checkpoint(self.run_dir / "checkpoints")
+        if resumed is not None:
+            state = load_training_state(resumed, self.policy, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.version, self.data_state = state["step"], state["weight_version"], state["data"]
+        self.resumed = resumed
+        self.driver = start_driver(cfg, self.run_dir) if self.rank0 else None
+        if self.driver is not None:
+            self.driver.stream.restore(self.data_state)
+        self.sync = self._connect_weight_sync()
+        if resumed is not None:  # the engines start from model.path: give them the resumed weights
+            self.sync.send(version=self.version)
+        self.metrics = MetricsLog(self.run_dir) if self.rank0 else None
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
+
+    def _initial_checkpoint(self) -> Path:
+        if self.cfg.model.megatron_checkpoint:
+            return Path(self.cfg.model.megatron_checkpoint)
+        path = self.run_dir / "init_megatron"
+        if self.rank0 and not (path / "flowrl_checkpoint.json").is_file():
+            from flowrl_megatron.conversion.convert import hf_to_megatron
+
+            hf_to_megatron(self.cfg.model.path, path)
+        dist.barrier()
+        return path
+
+    def _connect_weight_sync(self):
+        from flowrl_megatron.rollout.engines import default_weight_transfer_backend
+        from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
+
+        ro = self.cfg.rollout
+        client = None
+        if self.driver is not None:
+            engines = self.driver.engines
+            client = EnginesClient([e.url for e in engines.engines], [ro.engine_tp] * ro.engines, engines.api_key)
+        return WeightSync(MegatronWeightSource(self.policy, self.arch), client, ro.engines * ro.engine_tp,
+                          backend=default_weight_transfer_backend(), bucket_bytes=ro.bucket_mib * 1024**2,
+                          version=self.version).connect()
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def _rollouts(self, timer: PhaseTimer) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Driver only: prompts -> samples -> rewards -> the batch and its counters (None on other ranks)."""
+        from flowrl_megatron.rollout.client import SamplingConfig
+
+        d, cfg = self.driver, self.cfg
+        if d is None:
+            return None
+        picked = [d.prompts[i] for i in d.stream.take(cfg.train.prompts_per_step)]
+        sampling = SamplingConfig(n=cfg.rollout.n, max_tokens=cfg.rollout.max_response_tokens,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        with timer("rollout"):
+            seeds = [sample_seed(cfg.train.seed, self.step, i) for i in range(len(picked))]
+            groups = d.client.generate([p.token_ids for p in picked], sampling, seeds)
+        with timer("rewards"):
+            texts = [d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in groups for s in g]
+            answers = [p.answer for p, g in zip(picked, groups, strict=True) for _ in g]
+            scores = d.pool.score(texts, answers)
+        info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors, "rows": [p.row for p in picked]}
+        return build_batch(picked, groups, scores.rewards), info
+
+    def train_step(self) -> dict[str, float]:
+        cfg, algo, t = self.cfg, self.cfg.algorithm, self.cfg.train
+        timer = PhaseTimer()
+        box = [self._rollouts(timer)]
+        dist.broadcast_object_list(box, src=0)
+        full, info = box[0]
+        full["advantages"] = normalize_rewards(algo, full["rewards"], full["group_ids"])
+        local = trimmed(full, local_rows(cfg))
+        per_mini = local["tokens"].shape[0] // self.minis
+        kw = dict(micro_batch_size=t.micro_batch_size, vocab_size=self.arch.vocab_size,
+                  temperature=cfg.rollout.temperature)
+        with timer("logprobs"):
+            if self.reference is not None:
+                ref = forward_logprobs([self.reference], local, **kw)
+                if ref is not None:
+                    local["ref_logprobs"] = ref
+            if self.minis * t.epochs > 1:  # off-policy mini-batches follow: keep the sampling policy's log-probs
+                old = forward_logprobs([self.ddp], local, **kw)
+                if old is not None:
+                    local["old_logprobs"] = old
+        keys = ["tokens", "prompt_mask", "response_mask", "advantages", "ref_logprobs", "old_logprobs"]
+        totals: dict[str, float] = {}
+        grad_norms = []
+        with timer("update"):
+            for epoch in range(t.epochs):
+                for k in range(self.minis):
+                    rows = slice(k * per_mini, (k + 1) * per_mini)
+                    first = epoch == 0 and k == 0
+                    mb = trimmed({key: local[key] for key in keys + ["rollout_logprobs"] * first if key in local},
+                                 rows)
+                    self.ddp.zero_grad_buffer()
+                    self.optimizer.zero_grad()
+                    stats = forward_backward([self.ddp], mb, algo, **kw)
+                    if first:  # before any update: the engines sampled with exactly these weights
+                        mismatch = Mismatch(stats.pop("mismatch_abs_diff"), stats.pop("mismatch_prob_ratio"),
+                                            stats.pop("mismatch_abs_diff_max"), int(stats["count/tokens"]))
+                        check_mismatch(mismatch, cfg.rollout.max_mismatch, self.step)
+                    _, grad_norm, _ = self.optimizer.step()
+                    self.scheduler.step(increment=1)
+                    grad_norms.append(float(grad_norm or 0.0))
+                    for name, v in stats.items():
+                        totals[name] = totals.get(name, 0.0) + v / (self.minis * t.epochs)
+        with timer("sync"):
+            self.version = self.sync.send()
+        self.step += 1
+        with timer("checkpoint"):
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == t.steps:
+                self.save()
+        return self._step_metrics(full, info, totals, mismatch, grad_norms, timer)
+
+    def _step_metrics(self, full, info, totals, mismatch: Mismatch, grad_norms, timer: PhaseTimer) -> dict[str, float]:
+        rewards = full["rewards"]
+        lengths = full["response_mask"].sum(1).float()
+        seconds = timer.breakdown()
+        out = {
+            "reward/mean": rewards.mean().item(),
+            "reward/accuracy": (rewards > 0.5).float().mean().item(),
+            "reward/timeouts": float(info["reward_timeouts"]),
+            "reward/errors": float(info["reward_errors"]),
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/truncated_fraction": full["truncated"].float().mean().item(),
+            "mismatch/abs_diff": mismatch.mean_abs_diff,
+            "mismatch/prob_ratio": mismatch.mean_prob_ratio,
+            "mismatch/abs_diff_max": mismatch.max_abs_diff,
+            "optim/lr": self.optimizer.param_groups[0]["lr"],
+            "optim/grad_norm": sum(grad_norms) / len(grad_norms),
+            "weights/version": float(self.version),
+            "perf/tokens_per_s": lengths.sum().item() / max(seconds["total"], 1e-9),
+            "perf/rollout_tokens_per_s": lengths.sum().item() / max(seconds["rollout"], 1e-9),
+        }
+        out.update({f"train/{k}": v for k, v in totals.items() if not k.startswith("count/")})
+        out.update({f"time/{k}": v for k, v in seconds.items()})
+        return out
+
+    def save(self) -> None:
+        state = {"step": self.step, "weight_version": self.version, "scheduler": self.scheduler.state_dict(),
+                 "data": self.driver.stream.state() if self.driver else None}
+        box = [state["data"]]
+        dist.broadcast_object_list(box, src=0)
+        state["data"] = box[0]
+        save_training_state(self.run_dir / "checkpoints", self.step, self.policy, self.optimizer, state,
+                            self.cfg.checkpoint.keep)
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        bar = tqdm(total=t.steps, initial=self.step, desc="flowrl", disable=not self.rank0, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        done = 0
+        try:
+            while self.step < t.steps:
+                values = self.train_step()
+                done += 1
+                for k, v in values.items():
+                    if k.startswith("time/"):
+                        sums[k] = sums.get(k, 0.0) + v
+                if self.metrics is not None:
+                    self.metrics.log(self.step, values)
+                    bar.set_postfix({"reward": f"{values['reward/mean']:.3f}",
+                                     "acc": f"{values['reward/accuracy']:.2f}",
+                                     "logZ": f"{values.get('train/log_z', 0.0):.2f}",
+                                     "mismatch": f"{values['mismatch/abs_diff']:.1e}",
+                                     "s/step": f"{values['time/total']:.1f}"})
+                bar.update(1)
+        finally:
+            bar.close()
+            if self.driver is not None:
+                self.driver.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        if self.rank0 and done:
+            breakdown = {k.removeprefix("time/"): v for k, v in sums.items()}
+            print(format_breakdown(breakdown), flush=True)
+            (self.run_dir / "time_breakdown.json").write_text(json.dumps(breakdown, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point under torchrun: ``python -m flowrl_megatron.trainer RUN_DIR/config.yaml``."""
+    args = sys.argv[1:] if argv is None else argv
+    cfg = load_config(args[0], args[1:])
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        shutdown()
+
+
+def write_run_config(cfg: RunConfig) -> Path:
+    """The resolved config, saved in the run directory: what torchrun's ranks load, and the run's record."""
+    from flowrl_megatron.config import to_dict
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

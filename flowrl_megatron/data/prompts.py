@@ -66,7 +66,7 @@ def render(prompt: Any, template: str, tokenizer) -> list[int]:
     if tokenizer.chat_template is None:  # a base model without one: the user turn's text
         return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])  # transformers 5 returns a BatchEncoding
 
 
 @dataclass

@@ -20,8 +20,8 @@ def extract_answer(response: str) -> str | None:
     """The final answer the response gives, or None."""
     found = _ANSWER_LINE.findall(response)
     if found:
-        answer = found[-1].strip().strip("$").strip()
-        return answer.rstrip(".") or None
+        answer = found[-1].strip().rstrip(".").strip().strip("$").strip()
+        return answer or None
     return response if "\\boxed" in response else None
 
 

@@ -54,7 +54,7 @@ class RewardPool:
         jobs = [self._pool.apply_async(_score, (self.name, r, a, self.timeout_s))
                 for r, a in zip(responses, answers, strict=True)]
         # Every sample gets its own limit; queued ones wait for a free worker first.
-        deadline_s = self.timeout_s * (math.ceil(len(jobs) / self.workers) + 1) + 30.0
+        deadline_s = self.timeout_s * (math.ceil(len(jobs) / self.workers) + 1) + 5.0
         end = time.monotonic() + deadline_s
         results: list[tuple[float, str]] = []
         for job in jobs:

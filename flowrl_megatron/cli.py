@@ -54,6 +54,21 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.rewards.synthetic import write_answer_set_dataset
+
+    root = Path(args.dir)
+    if (root / "model").exists():
+        raise UserError(f"{root / 'model'} already exists; choose another directory or remove it.")
+    make_tiny_qwen2(root / "model", seed=args.seed)
+    write_answer_set_dataset(root / "train.jsonl", seed=args.seed)
+    print(f"wrote {root / 'model'} and {root / 'train.jsonl'}; now: flowrl train recipes/tiny_cpu.yaml")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     print("flowrl demo: not yet implemented. Train with `flowrl train RECIPE` (see `flowrl train --help`); "
           "the FlowRL vs GRPO diversity demo is the next piece of work.", file=sys.stderr)
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=plot)
+    p = sub.add_parser("make-tiny", help="write a random tiny Qwen2 and a synthetic dataset for recipes/tiny_cpu.yaml")
+    p.add_argument("dir", nargs="?", default="runs/tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=make_tiny)
     p = sub.add_parser("demo", help="tiny end-to-end FlowRL vs GRPO run on CPU (not yet implemented)")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)

@@ -72,3 +72,26 @@ def test_cli_rejects_a_bad_recipe_with_exit_2(recipe, tmp_path):
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "error: train.lr must be float, got 'oops'."
+
+
+def test_the_7b_recipe_has_the_papers_hyperparameters():
+    from tests.distributed import REPO
+
+    cfg = load_config(REPO / "recipes" / "qwen2.5_7b_math.yaml", check=False)
+    t, r, a = cfg.train, cfg.rollout, cfg.algorithm
+    assert (t.prompts_per_step, r.n, t.mini_batch_prompts, t.epochs) == (512, 8, 32, 1)
+    assert (t.lr, t.weight_decay, t.warmup_steps, t.grad_clip) == (1e-6, 0.1, 10, 1.0)
+    assert (cfg.data.max_prompt_tokens, r.max_response_tokens, r.temperature, r.top_p) == (2048, 8192, 1.0, 1.0)
+    assert (a.name, a.beta, a.importance_weight, a.clip_eps, cfg.data.template) == ("flowrl", 15.0, "clip", 0.2, "dapo")
+
+
+def test_the_tiny_recipe_validates_after_make_tiny(tmp_path, monkeypatch):
+    from flowrl_megatron.cli import main
+    from tests.distributed import REPO
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["make-tiny", "runs/tiny"])
+    assert e.value.code == 0
+    cfg = load_config(REPO / "recipes" / "tiny_cpu.yaml")
+    assert cfg.reward.name == "answer_set" and cfg.world_size == 1

@@ -99,3 +99,8 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = broken.with_suffix(".log").read_text()
     assert "step-time breakdown" in log
+    assert list((broken / "tensorboard").glob("events.out.tfevents.*"))
+    plots = subprocess.run([sys.executable, "-m", "flowrl_megatron", "plot", str(broken)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert {Path(p).name for p in plots} >= {"reward.png", "flowrl.png", "mismatch.png", "time.png"}
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in plots)

@@ -104,3 +104,16 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
                            capture_output=True, text=True, check=True).stdout.split()
     assert {Path(p).name for p in plots} >= {"reward.png", "flowrl.png", "mismatch.png", "time.png"}
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+
+def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
+    """A mismatch limit below what the engines reach (~2e-7 here) must stop the run before any update."""
+    run_dir = tmp_path / "strict"
+    t0 = time.time() - 1
+    proc = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
+                           "rollout.max_mismatch=1.0e-9"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "StaleWeightsError: step 0: rollout log-probs differ from the trainer's" in proc.stdout + proc.stderr
+    assert not metrics(run_dir) and not (run_dir / "checkpoints" / "latest").exists()
+    _, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
+    assert not alive

@@ -71,7 +71,7 @@ def iter_hf_tensors(
         if stage == pp_rank and in_first_replica:
             local = rule.param.format(i=layer - stage * layers_per_stage if rule.per_layer else None)
             shard = tensor_of(params[local]).detach().contiguous()
-            shards = [shard]
+            shards = [shard.clone()]  # a snapshot: the caller may keep it while the parameter changes
             if tp > 1:
                 shards = [torch.empty_like(shard) for _ in range(tp)]
                 dist.all_gather(shards, shard, group=tp_group)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,17 +147,31 @@ def _apply(obj: Any, path: str, values: dict[str, Any]) -> None:
             object.__setattr__(obj, key, _check_value(where, hints[key], value))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-6`` (no dot) as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b.c=value`` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (numbers, lists, true/false)."""
     if "=" not in text:
         raise UserError(f"override {text!r} is not key=value (e.g. train.lr=1e-6).")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -164,14 +179,6 @@ def parse_override(text: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -189,7 +196,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check: boo
         if not path.is_file():
             raise UserError(f"recipe {path} does not exist; see recipes/ for examples.")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(values, dict):

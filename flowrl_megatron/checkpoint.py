@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from flowrl_megatron.files import write_text_atomic
+
 
 def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path, new_prefixes: tuple[str, ...] = ()) -> None:
     """Load every tensor of ``model`` from ``ckpt_dir``, except those under ``new_prefixes``, which keep their
@@ -86,9 +88,7 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
+        write_text_atomic(root / LATEST, final.name)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
     dist.barrier()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+
+from flowrl_megatron.files import write_text_atomic
 
 PHASES = ("rollout", "rewards", "logprobs", "update", "sync", "checkpoint")
 
@@ -56,9 +57,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         with self.path.open("a") as f:

@@ -30,6 +30,7 @@ from flowrl_megatron.checkpoint import (
     save_training_state,
 )
 from flowrl_megatron.config import RunConfig, load_config
+from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model
@@ -343,13 +344,7 @@ def write_run_config(cfg: RunConfig) -> Path:
     """The resolved config, saved in the run directory: what torchrun's ranks load, and the run's record."""
     from flowrl_megatron.config import to_dict
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(cfg.run_dir) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import random
 import string
 from pathlib import Path
 
+from flowrl_megatron.files import write_text_atomic
+
 
 def answer_set_reward(response: str, answer: str) -> float:
     """1 if the response's first line, stripped, is one of the ``|``-separated valid answers."""
@@ -23,9 +25,4 @@ def write_answer_set_dataset(path: str | Path, count: int = 64, answers_per_prom
     for _ in range(count):
         prompt = rng.choice(letters) + rng.choice(string.digits) + "="
         rows.append({"prompt": prompt, "answer": "|".join(rng.sample(letters, answers_per_prompt))})
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
-    return out
+    return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

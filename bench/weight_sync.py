@@ -81,7 +81,7 @@ def main() -> None:
         nbytes = sum(b.numel() for b in buffers)
         with EngineGroup(EngineConfig(model=str(model_dir), max_model_len=256), 1, Path(tmp, "logs")) as group:
             client = EnginesClient([e.url for e in group.engines], [1], group.api_key)
-            sync = WeightSync(source, client, 1, backend="gloo", bucket_bytes=bucket_bytes).connect()
+            sync = WeightSync(source, client, backend="gloo", bucket_bytes=bucket_bytes).connect()
             sync.send()  # warm-up
             sync_times = []
             for _ in range(args.repeats):

@@ -145,21 +145,20 @@ class Trainer:
         self.minis = t.prompts_per_step // t.mini_batch_prompts
         self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
                                             total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
-        self.step = 0
-        self.version = 0
-        self.data_state: dict = {"epoch": 0, "offset": 0}
+        self.step, version, data = 0, 0, {"epoch": 0, "offset": 0}
         resumed = latest_checkpoint(self.run_dir / "checkpoints")
         if resumed is not None:
             state = load_training_state(resumed, self.policy, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.version, self.data_state = state["step"], state["weight_version"], state["data"]
-        self.resumed = resumed
+            self.step, version, data = state["step"], state["weight_version"], state["data"]
         self.driver = start_driver(cfg, self.run_dir) if self.rank0 else None
         if self.driver is not None:
-            self.driver.stream.restore(self.data_state)
-        self.sync = self._connect_weight_sync()
+            self.driver.stream.restore(data)
+            print(f"{len(self.driver.prompts)} prompts ({self.driver.filtered} longer than data.max_prompt_tokens "
+                  "left out)", flush=True)
+        self.sync = self._connect_weight_sync(version)
         if resumed is not None:  # the engines start from model.path: give them the resumed weights
-            self.sync.send(version=self.version)
+            self.sync.send(version=version)
         self.metrics = MetricsLog(self.run_dir) if self.rank0 else None
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
@@ -175,7 +174,7 @@ class Trainer:
         dist.barrier()
         return path
 
-    def _connect_weight_sync(self):
+    def _connect_weight_sync(self, version: int):
         from flowrl_megatron.rollout.engines import default_weight_transfer_backend
         from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
 
@@ -184,9 +183,9 @@ class Trainer:
         if self.driver is not None:
             engines = self.driver.engines
             client = EnginesClient([e.url for e in engines.engines], [ro.engine_tp] * ro.engines, engines.api_key)
-        return WeightSync(MegatronWeightSource(self.policy, self.arch), client, ro.engines * ro.engine_tp,
+        return WeightSync(MegatronWeightSource(self.policy, self.arch), client,
                           backend=default_weight_transfer_backend(), bucket_bytes=ro.bucket_mib * 1024**2,
-                          version=self.version).connect()
+                          version=version).connect()
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -207,7 +206,7 @@ class Trainer:
             texts = [d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in groups for s in g]
             answers = [p.answer for p, g in zip(picked, groups, strict=True) for _ in g]
             scores = d.pool.score(texts, answers)
-        info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors, "rows": [p.row for p in picked]}
+        info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors}
         return build_batch(picked, groups, scores.rewards), info
 
     def train_step(self) -> dict[str, float]:
@@ -253,7 +252,7 @@ class Trainer:
                     for name, v in stats.items():
                         totals[name] = totals.get(name, 0.0) + v / (self.minis * t.epochs)
         with timer("sync"):
-            self.version = self.sync.send()
+            self.sync.send()
         self.step += 1
         with timer("checkpoint"):
             every = cfg.checkpoint.every
@@ -278,7 +277,7 @@ class Trainer:
             "mismatch/abs_diff_max": mismatch.max_abs_diff,
             "optim/lr": self.optimizer.param_groups[0]["lr"],
             "optim/grad_norm": sum(grad_norms) / len(grad_norms),
-            "weights/version": float(self.version),
+            "weights/version": float(self.sync.version),
             "perf/tokens_per_s": lengths.sum().item() / max(seconds["total"], 1e-9),
             "perf/rollout_tokens_per_s": lengths.sum().item() / max(seconds["rollout"], 1e-9),
         }
@@ -287,11 +286,8 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        state = {"step": self.step, "weight_version": self.version, "scheduler": self.scheduler.state_dict(),
-                 "data": self.driver.stream.state() if self.driver else None}
-        box = [state["data"]]
-        dist.broadcast_object_list(box, src=0)
-        state["data"] = box[0]
+        state = {"step": self.step, "weight_version": self.sync.version, "scheduler": self.scheduler.state_dict(),
+                 "data": self.driver.stream.state() if self.driver else None}  # rank 0 writes it
         save_training_state(self.run_dir / "checkpoints", self.step, self.policy, self.optimizer, state,
                             self.cfg.checkpoint.keep)
 

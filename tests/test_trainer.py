@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
+from flowrl_megatron.metrics import read_metrics
 from tests.distributed import REPO
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,7 @@ def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
 
 def untimed(rows: list[dict]) -> list[dict]:

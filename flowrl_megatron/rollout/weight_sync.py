@@ -49,7 +49,7 @@ class EnginesClient:
 
     A trainer engine addresses "the workers" as ranks ``rank_offset..``; engine i's workers get
     ``rank_offset + sum(tp[:i])``, so one group spans every engine. Each call returns once every
-    engine answered. ``finish_weight_update`` stamps a weight version that counts the syncs.
+    engine answered. ``finish_weight_update`` stamps ``version`` (set by ``WeightSync``) unless given one.
     """
 
     def __init__(self, urls: Sequence[str], tp_sizes: Sequence[int], api_key: str, timeout_s: float = 600.0) -> None:
@@ -86,7 +86,6 @@ class EnginesClient:
         self._post_all("update_weights", [{"update_info": update_info}] * len(self.urls))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.version += 1
         body = {"weight_version": weight_version or str(self.version)}
         self._post_all("finish_weight_update", [body] * len(self.urls))
 
@@ -105,11 +104,11 @@ class EnginesClient:
 class WeightSync:
     """Connect once, then ``send()`` after every optimizer step, on every trainer rank.
 
-    ``client`` is needed on rank 0 only (the sender); pass None elsewhere. ``backend`` is the one the
-    engines were started with (``EngineConfig.weight_transfer_backend``).
+    ``client`` is needed on rank 0 only (the sender); pass None elsewhere (only the sender forms the group).
+    ``backend`` is the one the engines were started with (``EngineConfig.weight_transfer_backend``).
     """
 
-    def __init__(self, source: WeightSource, client: EnginesClient | None, num_workers: int, *, backend: str,
+    def __init__(self, source: WeightSource, client: EnginesClient | None, *, backend: str,
                  address: str = "127.0.0.1", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  timeout_s: float = 600.0, version: int = 0) -> None:
         gloo_transfer.register()
@@ -117,13 +116,13 @@ class WeightSync:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if self.rank == 0 and client is None:
             raise ValueError("the sender (trainer rank 0) needs an EnginesClient")
-        self.num_workers, self.backend, self.address = num_workers, backend, address
+        self.backend, self.address = backend, address
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.engine = None
         self.version = version  # a resumed run continues its count
 
     def _init_info(self):
-        world = 1 + self.num_workers
+        world = 1 + (self.client.num_workers if self.client is not None else 0)  # read by the sender only
         if self.backend == "gloo":
             return GlooTrainerInitInfo(self.address, world, self.bucket_bytes, self.timeout_s, rank=self.rank)
         if self.backend == "nccl":
@@ -147,7 +146,7 @@ class WeightSync:
             raise WeightSyncError("call connect() before send()")
         new = self.version + 1 if version is None else version
         if self.client is not None:
-            self.client.version = new - 1  # finish_weight_update stamps the next number (seen at /weight_info)
+            self.client.version = new  # stamped by finish_weight_update (seen at /weight_info)
         self.engine.send_weights()
         self.version = new
         return new

@@ -87,7 +87,7 @@ def test_a_restarted_engine_is_resynced(setup, tiny_untied):
     halved = {k: v * 0.5 if "mlp" in k else v for k, v in weights.items()}
     urls = [e.url for e in group.engines]
     source = DictSource(weights)
-    sync = WeightSync(source, EnginesClient(urls, [1, 1], group.api_key), 2, backend="gloo",
+    sync = WeightSync(source, EnginesClient(urls, [1, 1], group.api_key), backend="gloo",
                       bucket_bytes=512 * 1024).connect()
     sync.send()
     sampling = SamplingConfig(n=2, max_tokens=8)

@@ -69,7 +69,7 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: lis
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
     engines = EnginesClient(urls, engine_tp, api_key) if dist.get_rank() == 0 else None
-    sync = WeightSync(MegatronWeightSource(model, arch), engines, sum(engine_tp), backend="gloo",
+    sync = WeightSync(MegatronWeightSource(model, arch), engines, backend="gloo",
                       bucket_bytes=512 * 1024).connect()
     version = sync.send()  # streamed from every stage, bucket by bucket
     sync.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -138,8 +138,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             return engine
         info = init_info
         store = rendezvous_store(info.master_address, 0, 0, info.world_size, info.timeout_s)
-        worker_init = {"master_address": info.master_address, "master_port": store.port,
-                       "world_size": info.world_size, "rank_offset": 1, "timeout_s": info.timeout_s}
+        worker_init = asdict(GlooInitInfo(info.master_address, store.port, info.world_size, rank_offset=1,
+                                          timeout_s=info.timeout_s))
         joined = in_background(lambda: client.init_weight_transfer_engine(worker_init))
         engine.group = gloo_group(store, 0, info.world_size, info.timeout_s)
         joined.result()

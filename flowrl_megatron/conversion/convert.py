@@ -30,7 +30,7 @@ from flowrl_megatron.conversion.dist_ckpt import (
     extra_state_bytes,
     save_streaming,
 )
-from flowrl_megatron.conversion.hf_io import HFReader, HFShardWriter, copy_side_files
+from flowrl_megatron.conversion.hf_io import HF_SUBDIR, HFReader, HFShardWriter, copy_side_files
 from flowrl_megatron.conversion.mapping import (
     EXTRA_STATE_MODULES,
     LAYER_PREFIX,
@@ -46,7 +46,6 @@ from flowrl_megatron.conversion.mapping import (
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.models.arch import ModelArch, arch_from_hf_config, load_arch, load_hf_config
 
-HF_SUBDIR = "hf"
 INFO_NAME = "flowrl_checkpoint.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

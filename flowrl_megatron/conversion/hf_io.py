@@ -16,6 +16,7 @@ from flowrl_megatron.errors import UserError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files copied verbatim between HF and Megatron checkpoints (whichever exist).
+HF_SUBDIR = "hf"  # a Megatron checkpoint's copy of its Hugging Face config and tokenizer files
 SIDE_FILES = (
     "config.json",
     "generation_config.json",

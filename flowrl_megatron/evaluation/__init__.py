@@ -1,0 +1,1 @@
+"""Evaluation: sample statistics (pass@k, diversity) shared by the trainer's periodic evaluation and the demo."""

@@ -1,0 +1,66 @@
+"""slurm/tiny_cpu.sbatch on a real one-node Slurm cluster: the 32B job's structure (slurm/launch.sh: a vLLM
+engine under srun, torchrun under srun, the trainer reaching the engine by URL) runs to the end and leaves its
+checkpoint, metrics and per-role logs; a role that fails ends the job non-zero with a message naming it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import REPO
+from tests.slurm.cluster import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "flowrl_megatron", "make-tiny", str(root)], check=True, cwd=REPO,
+                   capture_output=True)
+    return root
+
+
+def sbatch(cluster: SlurmCluster, tmp_path, **settings: str) -> tuple[int, str]:
+    out = tmp_path / "job.out"
+    env = {**cluster.env, "FLOWRL_PYTHON": sys.executable, **settings}
+    done = subprocess.run(["sbatch", "--wait", f"--output={out}", "slurm/tiny_cpu.sbatch"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return done.returncode, (out.read_text() if out.exists() else "") + done.stderr
+
+
+def test_tiny_sbatch_trains_with_engines_under_srun(cluster, tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    code, log = sbatch(cluster, tmp_path, RUN_DIR=str(run_dir), MODEL=str(tiny / "model"),
+                       OVERRIDES=f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=4 checkpoint.every=2")
+    assert code == 0, log
+    assert "training finished; engines stopped" in log
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["weights/version"] == 4
+    logs = {p.name.split("-")[0] for p in (run_dir / "logs").glob("job-*/*.log")}
+    assert logs == {"rollout", "trainer"}
+    config = (run_dir / "config.yaml").read_text()
+    assert "engine_urls:\n  - http://" in config  # the trainer used the engine srun started, not its own
+
+
+def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
+    broken = tmp_path / "no_weights"  # a config and tokenizer but no weights: the trainer's conversion fails
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_text((tiny / "model" / name).read_text())
+    code, log = sbatch(cluster, tmp_path, RUN_DIR=str(tmp_path / "run"), MODEL=str(broken),
+                       OVERRIDES=f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=2")
+    assert code != 0
+    assert "flowrl: the trainer failed (exit" in log, log
+    assert not list(tmp_path.glob("run/checkpoints/step_*"))

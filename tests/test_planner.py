@@ -1,0 +1,122 @@
+"""The memory planner: exact parameter counts (published Qwen2.5 sizes, real Megatron and Z head modules), the
+32B recipe fits and a bad layout is refused, and the estimate matches memory measured on CPU for a small model."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from flowrl_megatron.config import RunConfig, load_config
+from flowrl_megatron.models.arch import load_arch
+from flowrl_megatron.planner import GIB, plan, stage_params, total_params, z_head_params
+from tests.distributed import REPO, run_distributed
+
+CONFIGS = REPO / "recipes" / "model_configs"
+
+
+def test_parameter_counts_of_the_published_models():
+    assert total_params(load_arch(CONFIGS / "qwen2.5-32b")) == 32_763_876_352
+    assert total_params(load_arch(CONFIGS / "qwen2.5-7b")) == 7_615_616_512
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts_equal_the_real_modules(tmp_path, tied):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.z_head import ZHead
+
+    path = make_tiny_qwen2(tmp_path / "m", tie_embeddings=tied)
+    arch = load_arch(path)
+    assert total_params(arch) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    for variant in ("paper", "authors"):
+        cfg = load_config(None, [f"z_head.variant={variant}"], check=False)
+        head = ZHead(arch.hidden_size, cfg.z_head, dtype=torch.float32)
+        assert z_head_params(arch, cfg) == sum(p.numel() for p in head.parameters())
+    megatron = run_distributed("tests.test_planner:megatron_numel", 1, path=str(path))[0]
+    assert stage_params(arch, 1, 1) == megatron
+
+
+def megatron_numel(path: str) -> int:
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout())
+    return sum(p.numel() for p in build_gpt_model(load_arch(path)).parameters())
+
+
+def flowrl_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowrl_megatron", "plan", "recipes/qwen2.5_32b_math.yaml", *args,
+                           "--model-config", str(CONFIGS / "qwen2.5-32b")], cwd=REPO, capture_output=True, text=True)
+
+
+def test_the_32b_recipe_fits_and_a_bad_layout_is_refused():
+    good = flowrl_plan()
+    assert good.returncode == 0 and good.stdout.rstrip().endswith("fits."), good.stdout + good.stderr
+    bad = flowrl_plan("model.tp=4", "model.pp=1")
+    assert bad.returncode == 1
+    assert "does not fit: a trainer rank needs 165.7 GiB of a 80 GiB GPU (largest: optimizer, 91.5 GiB)" in bad.stderr
+    long = flowrl_plan("rollout.engine_tp=1", "rollout.max_response_tokens=120000")
+    assert long.returncode == 1 and "a rollout engine's KV cache holds" in long.stderr
+
+
+def measure_memory(path: str, seq: int, rows: int) -> dict:
+    """Resident memory of the trainer's static state (policy, Z head, reference, Adam) and the peak added by one
+    forward-backward of ``rows`` sequences of ``seq`` tokens, in this fresh process."""
+    import torch
+
+    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.z_head import ZHeadConfig
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
+    from flowrl_megatron.training.step import forward_backward
+
+    def batch(n: int, s: int) -> dict:
+        mask = torch.zeros(n, s, dtype=torch.bool)
+        prompt = mask.clone().index_fill_(1, torch.arange(4), True)
+        return {"tokens": torch.randint(0, 1000, (n, s)), "prompt_mask": prompt,
+                "response_mask": mask.index_fill_(1, torch.arange(4, s), True), "advantages": torch.randn(n)}
+
+    init_model_parallel(ParallelLayout())
+    arch = load_arch(path)
+    rss = psutil.Process().memory_info
+    before = rss().rss
+    policy = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True)
+    reference = build_gpt_model(arch)
+    ddp = wrap_ddp(policy)
+    optimizer = build_optimizer([ddp], lr=1e-5)
+    kw = dict(vocab_size=arch.vocab_size)
+    forward_backward([ddp], batch(1, 8), AlgorithmConfig(), micro_batch_size=1, **kw)
+    optimizer.step()  # allocates the Adam state
+    static = rss().rss - before
+    start = rss().rss
+    forward_backward([ddp], batch(rows, seq), AlgorithmConfig(), micro_batch_size=rows, **kw)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del reference
+    return {"static": static, "activations": peak - start}
+
+
+def test_the_estimate_matches_memory_measured_on_cpu(tmp_path):
+    from flowrl_megatron.models.tiny import make_tiny_qwen2
+
+    path = make_tiny_qwen2(tmp_path / "m", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=32000)
+    seq, rows = 256, 16
+    measured = run_distributed("tests.test_planner:measure_memory", 1, path=str(path), seq=seq, rows=rows)[0]
+    cfg = RunConfig()
+    cfg.model.path = str(path)
+    cfg.data.max_prompt_tokens, cfg.rollout.max_response_tokens = 4, seq - 4
+    cfg.train.micro_batch_size, cfg.train.mini_batch_prompts, cfg.rollout.n = rows, 2, rows // 2
+    lines = {line.name: line.bytes for line in plan(cfg, load_arch(path), attention="unfused").trainer}
+    static = sum(lines[k] for k in ("weights", "gradients", "optimizer", "reference model", "Z head"))
+    dynamic = lines["activations"] + lines["logits"]
+    print(f"static: estimated {static / GIB:.3f} GiB, measured {measured['static'] / GIB:.3f} GiB; activations: "
+          f"estimated {dynamic / GIB:.3f} GiB, measured {measured['activations'] / GIB:.3f} GiB")
+    assert measured["static"] == pytest.approx(static, rel=0.15)
+    assert measured["activations"] == pytest.approx(dynamic, rel=0.25)

@@ -103,6 +103,22 @@ def plan(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def launch(args: argparse.Namespace) -> int:
+    from flowrl_megatron import nemo_experiments as nemo
+
+    if args.executor == "local":
+        task, executor, _ = nemo.local_job(args.recipe, args.overrides)
+    else:
+        settings = nemo.SlurmSettings(**{k: v for k, v in (("account", args.account), ("partition", args.partition),
+                                                           ("nodes", args.nodes), ("job_dir", args.job_dir))
+                                         if v is not None})
+        task, executor = nemo.slurm_job(args.recipe, args.overrides, settings)
+    script = nemo.launch(task, executor, name=args.name, dryrun=args.dryrun)
+    if script:
+        print(script)
+    return 0
+
+
 def plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -173,6 +189,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-config", help="directory with the model's config.json (default: model.path)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
     p.set_defaults(func=plan)
+    p = sub.add_parser("launch", help="run a recipe as a nemo-run experiment (local torchrun or Slurm)",
+                       description="nemo-run experiments for the recipes. --executor local: LocalExecutor with "
+                       "torchrun on this machine. --executor slurm: SlurmExecutor running "
+                       "slurm/qwen32b_flowrl.sbatch's roles in one allocation (container image and mounts from "
+                       "the environment, see the sbatch file); --dryrun prints the sbatch script, submitting nothing.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--dryrun", action="store_true")
+    p.add_argument("--name", default="flowrl")
+    p.add_argument("--account")
+    p.add_argument("--partition")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--job-dir", help="where nemo-run keeps the experiment's files (default: nemo_experiments)")
+    p.set_defaults(func=launch)
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=plot)

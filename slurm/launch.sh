@@ -47,20 +47,23 @@ for node in "${ROLLOUT[@]}"; do
     for ((i = 0; i < ENGINES_PER_NODE; i++)); do URLS+=("http://$node:$((ENGINE_PORT + i))"); done
 done
 # One key for this job's engines, in the environment srun passes on; never on a command line.
-FLOWRL_API_KEY=$("$FLOWRL_PYTHON" -c "import secrets; print(secrets.token_hex(24))")
+FLOWRL_API_KEY=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export FLOWRL_API_KEY
 
 join() { local IFS=,; echo "$*"; }
+# This script runs on the batch host, which may lack the Python environment: Python runs in job steps (in the
+# container when CONTAINER_IMAGE is set). --overlap everywhere: roles are placed by --nodelist, and a launcher step
+# around this script (nemo-run's) shares the first node.
+OVERLAP=(--overlap)
 # Validate the whole configuration and write RUN_DIR/config.yaml before any node starts anything.
 # shellcheck disable=SC2086  # OVERRIDES is a list of key=value words
-CONFIG=$("$FLOWRL_PYTHON" -m flowrl_megatron train "$RECIPE" "run_dir=$RUN_DIR" "model.path=$MODEL" \
+CONFIG=$(srun "${CONTAINER_ARGS[@]}" "${OVERLAP[@]}" --nodes=1 --ntasks=1 --nodelist="${TRAINER[0]}" \
+    "$FLOWRL_PYTHON" -m flowrl_megatron train "$RECIPE" "run_dir=$RUN_DIR" "model.path=$MODEL" \
     "rollout.engine_urls=[$(join "${URLS[@]}")]" "rollout.engines=${#URLS[@]}" "rollout.engine_tp=$ENGINE_TP" \
     "rollout.sync_address=${TRAINER[0]}" $OVERRIDES --prepare --world-size $((${#TRAINER[@]} * PROCS_PER_NODE)))
 echo "flowrl: job $SLURM_JOB_ID: rollout on ${ROLLOUT[*]} (${#URLS[@]} engines), trainer on ${TRAINER[*]}," \
      "config $CONFIG, logs $LOG_DIR"
 
-OVERLAP=()
-((ROLLOUT_NODES > 0)) || OVERLAP=(--overlap)
 srun "${CONTAINER_ARGS[@]}" "${OVERLAP[@]}" --nodes=${#ROLLOUT[@]} --nodelist="$(join "${ROLLOUT[@]}")" \
     --ntasks-per-node="$ENGINES_PER_NODE" --kill-on-bad-exit=1 --output="$LOG_DIR/rollout-%N-%t.log" \
     bash -c "exec $FLOWRL_PYTHON -m flowrl_megatron serve '$CONFIG' --host \$(hostname) \

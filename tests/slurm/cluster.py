@@ -1,5 +1,6 @@
 """A real one-node Slurm cluster (Debian slurm-wlm + munge) in a temporary directory, for tests: its own munge
-key and socket, its own ports, state and logs; stopped by pid when the test ends (PLATFORM.md)."""
+key and socket, its own ports, state and logs; stopped by pid when the test ends (PLATFORM.md).
+cred_expire=10: a requeued job waits cred_expire seconds (default 120) before it may start again."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class SlurmCluster:
 SlurmctldHost={host}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge/socket'}
+AuthInfo=socket={r / 'munge/socket'},cred_expire=10
 SlurmUser=root
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}

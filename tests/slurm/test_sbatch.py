@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield c
-    c.stop()
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,31 @@ def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
     assert code != 0
     assert "flowrl: the trainer failed (exit" in log, log
     assert not list(tmp_path.glob("run/checkpoints/step_*"))
+
+
+def test_a_signalled_job_requeues_and_resumes_from_its_checkpoint(cluster, tiny, tmp_path):
+    """SIGUSR1 to the batch script (what --signal=B:USR1@... sends before preemption or the time limit) requeues the
+    job; the second run resumes from the latest checkpoint and finishes every step once."""
+    run_dir = tmp_path / "run"
+    env = {**cluster.env, "FLOWRL_PYTHON": sys.executable, "RUN_DIR": str(run_dir), "MODEL": str(tiny / "model"),
+           "OVERRIDES": f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=6 checkpoint.every=2"}
+    job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", "slurm/tiny_cpu.sbatch"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.monotonic() + 600
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    while True:
+        state = subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True,
+                               text=True).stdout
+        if "JobState=COMPLETED" in state or "JobState=FAILED" in state:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    log = (tmp_path / "job.out").read_text()
+    assert "JobState=COMPLETED" in state and "Restarts=1" in state, state + log
+    assert "requeueing" in log and "training finished" in log
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"

@@ -134,8 +134,7 @@ class Plan:
             largest = max(self.trainer, key=lambda line: line.bytes)
             out.append(f"a trainer rank needs {self.trainer_total / GIB:.1f} GiB of a {self.gpu_gib:.0f} GiB GPU "
                        f"(largest: {largest.name}, {largest.bytes / GIB:.1f} GiB); raise model.tp or model.pp, set "
-                       "train.recompute=full or train.distributed_optimizer=true with dp > 1, or lower "
-                       "train.micro_batch_size.")
+                       "train.recompute=full, or lower train.micro_batch_size.")
         if self.sequences_per_engine < self.n:
             out.append(f"a rollout engine's KV cache holds {self.sequences_per_engine:.1f} full-length sequences, "
                        f"fewer than one prompt's rollout.n={self.n}; raise rollout.engine_tp or shorten "

@@ -56,6 +56,7 @@ def test_override_values_are_yaml():
     ("train", "override 'train' is not key=value"),
     ("train=3", "train is a section; set its keys"),
     ("eval.every=5", "eval.every is set but eval.files is empty"),
+    ("train.distributed_optimizer=true", "train.distributed_optimizer=true is not supported yet"),
     ("eval.files=[/no/eval.jsonl]", "eval file /no/eval.jsonl does not exist"),
 ])
 def test_bad_settings_are_one_sentence(recipe, override, message):

@@ -83,7 +83,7 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
     }
 
 
-def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: str) -> None:
+def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: str, recompute: bool = False) -> None:
     """Loss stats and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO."""
     from pathlib import Path
 
@@ -101,7 +101,7 @@ def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: st
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True)
+    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True, recompute=recompute)
     load_model_weights(model, ckpt, new_prefixes=("z_head.",))
     ddp = wrap_ddp(model)
     batch = synthetic_batch(arch)

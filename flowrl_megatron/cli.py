@@ -119,6 +119,19 @@ def launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowrl_megatron.evaluation.run import EvalSettings, run_eval
+
+    settings = EvalSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_response_tokens=args.max_response_tokens, template=args.template, reward=args.reward,
+                            limit=args.limit, seed=args.seed, reward_workers=args.reward_workers)
+    run_eval(Path(args.model), [b for b in args.benchmarks.split(",") if b], Path(args.data_dir), Path(args.out),
+             settings)
+    return 0
+
+
 def plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -204,6 +217,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nodes", type=int)
     p.add_argument("--job-dir", help="where nemo-run keeps the experiment's files (default: nemo_experiments)")
     p.set_defaults(func=launch)
+    p = sub.add_parser("eval", help="benchmark a model with vLLM: pass@k, avg@n and diversity tables",
+                       description="Serves a model with vLLM (a Megatron checkpoint is converted first), samples "
+                       "N responses per problem with the paper's protocol by default (16 samples, temperature 0.6, "
+                       "top_p 0.95, DAPO format), grades them, and writes OUT/results.md, results.json, "
+                       "pass_at_k.png and samples/.")
+    p.add_argument("--model", required=True, help="Hugging Face directory or Megatron checkpoint directory")
+    p.add_argument("--benchmarks", default="aime2024,amc,math500,minerva,olympiadbench",
+                   help="comma-separated names (files NAME.json in --data-dir) or paths to .json/.jsonl/.parquet "
+                   "files with problem and answer fields")
+    p.add_argument("--data-dir", default=os.environ.get("FLOWRL_BENCHMARKS", "benchmarks"),
+                   help="directory of the benchmark files (default: $FLOWRL_BENCHMARKS or ./benchmarks)")
+    p.add_argument("--out", default="eval", help="output directory")
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-response-tokens", type=int, default=8192)
+    p.add_argument("--template", choices=["dapo", "chat", "raw"], default="dapo")
+    p.add_argument("--reward", default="math", help="grader: math, or answer_set for the synthetic task")
+    p.add_argument("--limit", type=int, default=0, help="only the first N problems of each benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.set_defaults(func=evaluate)
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=plot)

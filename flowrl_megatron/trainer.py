@@ -38,6 +38,7 @@ from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model
+from flowrl_megatron.rewards import final_answer
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -250,8 +251,9 @@ class Trainer:
         texts = [[d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
         scores = d.pool.score([t for g in texts for t in g], [p.answer for p in d.eval_prompts for _ in range(ev.n)])
         correct = [[r > 0.5 for r in scores.rewards[i * ev.n : (i + 1) * ev.n]] for i in range(len(texts))]
+        answers = [[final_answer(self.cfg.reward.name, t) for t in g] for g in texts]
         batch = build_batch(d.eval_prompts, groups, scores.rewards)
-        values = {f"eval/{k}": v for k, v in group_metrics(texts, correct).items()}
+        values = {f"eval/{k}": v for k, v in group_metrics(answers, correct).items()}
         values["eval/reward_mean"] = batch["rewards"].mean().item()
         values["eval/response_length"] = batch["response_mask"].sum(1).float().mean().item()
         return batch, values

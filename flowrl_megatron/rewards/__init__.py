@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from flowrl_megatron.rewards.math import math_reward
-from flowrl_megatron.rewards.synthetic import answer_set_reward
+from flowrl_megatron.rewards.math import extract_answer, math_reward
+from flowrl_megatron.rewards.synthetic import answer_set_reward, first_line
 
 RewardFn = Callable[[str, str], float]
 
@@ -18,6 +18,16 @@ REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "answer_set": answer_set_reward,
 }
+
+
+# What each reward grades: the final answer of a response, for counting distinct answers ("" when none).
+FINAL_ANSWERS: dict[str, Callable[[str], str | None]] = {"math": extract_answer, "answer_set": first_line}
+
+
+def final_answer(reward: str, response: str) -> str:
+    """The response's final answer as ``reward`` reads it; a user reward's answer is the whole stripped response."""
+    extract = FINAL_ANSWERS.get(reward)
+    return (extract(response) if extract else response.strip()) or ""
 
 
 def resolve_reward(name: str) -> RewardFn:

@@ -10,11 +10,15 @@ from pathlib import Path
 from flowrl_megatron.files import write_text_atomic
 
 
+def first_line(response: str) -> str:
+    """The answer-set task's final answer: the response's first line, stripped."""
+    lines = response.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def answer_set_reward(response: str, answer: str) -> float:
     """1 if the response's first line, stripped, is one of the ``|``-separated valid answers."""
-    lines = response.strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    return float(first in {a.strip() for a in str(answer).split("|")})
+    return float(first_line(response) in {a.strip() for a in str(answer).split("|")})
 
 
 def answer_set_rows(count: int = 64, answers_per_prompt: int = 3, seed: int = 0) -> list[dict[str, str]]:

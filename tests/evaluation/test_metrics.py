@@ -42,3 +42,14 @@ def test_group_metrics_average_over_problems():
     assert m["distinct_correct"] == pytest.approx((2 + 0) / 2)
     with pytest.raises(ValueError):
         group_metrics([["a"], ["b", "c"]], [[True], [True, False]])
+
+
+def test_text_diversity_on_worked_examples():
+    from flowrl_megatron.evaluation.metrics import text_diversity
+
+    same = text_diversity([["a b c d e", "a b c d e"]])
+    assert same == {"distinct_ngrams": 0.5, "pairwise_similarity": 1.0}  # 2 distinct of 4 four-grams
+    apart = text_diversity([["a b c d", "e f g h"]])
+    assert apart == {"distinct_ngrams": 1.0, "pairwise_similarity": 0.0}
+    short = text_diversity([["x", "x", "y"]])  # shorter than n: one n-gram of its words
+    assert short["distinct_ngrams"] == pytest.approx(2 / 3) and short["pairwise_similarity"] == pytest.approx(1 / 3)

@@ -14,7 +14,7 @@ Train with FlowRL (or GRPO / REINFORCE++, algorithm.name=...) from a YAML recipe
 
 Every setting can be overridden as section.key=value, e.g.
   flowrl train recipes/tiny_cpu.yaml train.steps=20 algorithm.name=grpo run_dir=runs/grpo
-Sections: model (path, megatron_checkpoint, tp, pp, dtype), data (train_files, prompt_key, answer_key,
+Sections: model (path, megatron_checkpoint, tp, pp, dtype, attention), data (train_files, prompt_key, answer_key,
 template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollout (engines, engine_tp, n,
 max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, max_mismatch), algorithm (name, beta,
 importance_weight, clip_eps, weight_cap, reward_normalization, kl_coef), z_head (variant, dropout,

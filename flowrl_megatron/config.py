@@ -30,6 +30,9 @@ class ModelConfig:
     tp: int = 1
     pp: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # default: transformer-engine's layers when it imports on a GPU, else megatron-core's local ones;
+    # sdpa: the local layers with torch's scaled_dot_product_attention (fused kernels without transformer-engine)
+    attention: Literal["default", "sdpa"] = "default"
 
 
 @dataclass

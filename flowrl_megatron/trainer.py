@@ -156,11 +156,13 @@ class Trainer:
         t = cfg.train
         dtype = getattr(torch, cfg.model.dtype)
         self.policy = build_gpt_model(self.arch, dtype, z_head=cfg.z_head if cfg.algorithm.needs_log_z else None,
-                                      calculate_per_token_loss=True, recompute=t.recompute == "full")
+                                      calculate_per_token_loss=True, recompute=t.recompute == "full",
+                                      attention=cfg.model.attention)
         load_model_weights(self.policy, init_ckpt, new_prefixes=("z_head.",))
         self.reference = None
         if cfg.algorithm.needs_log_z or cfg.algorithm.kl_coef or cfg.eval.every:
-            self.reference = build_gpt_model(self.arch, dtype, calculate_per_token_loss=True)
+            self.reference = build_gpt_model(self.arch, dtype, calculate_per_token_loss=True,
+                                             attention=cfg.model.attention)
             load_model_weights(self.reference, init_ckpt)
             self.reference.eval()
             self.reference.requires_grad_(False)

@@ -27,9 +27,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(use_te: bool | None = None) -> ModuleSpec:
+def layer_spec(use_te: bool | None = None, attention: str = "default") -> ModuleSpec:
+    """transformer-engine's spec when it is usable, else megatron-core's local spec; ``attention="sdpa"``: the
+    local spec with torch's scaled_dot_product_attention as its core attention."""
     if use_te is None:
-        use_te = transformer_engine_available()
+        use_te = transformer_engine_available() and attention == "default"
+    if attention == "sdpa":
+        from flowrl_megatron.models.sdpa_attention import SDPAttention
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -94,6 +102,7 @@ def build_gpt_model(
     z_head: ZHeadConfig | None = None,
     calculate_per_token_loss: bool = False,
     recompute: bool = False,
+    attention: str = "default",
 ) -> GPTModel:
     """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits.
 
@@ -103,7 +112,7 @@ def build_gpt_model(
     model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
     model = model_cls(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(use_te, attention),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -57,3 +57,18 @@ def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(tiny_untied, tmp_path):
     want = hf_logits(tiny_untied)
     assert (logits["converted"] - want).abs().max().item() <= TOLERANCE
     assert torch.equal(logits["converted"], logits["saved"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 2)])
+def test_sdpa_attention_equals_the_default_attention(tiny_untied, tp, pp, tmp_path):
+    """The local spec with torch's scaled_dot_product_attention (GQA, causal) gives the default attention's logits."""
+    ckpt = hf_to_megatron(tiny_untied, tmp_path / "ckpt", tp=tp, pp=pp)
+    logits = {}
+    for attention in ("default", "sdpa"):
+        out = tmp_path / f"{attention}.pt"
+        run_distributed("tests.models.workers:megatron_logits", tp * pp, ckpt=str(ckpt), tp=tp, pp=pp, tokens=TOKENS,
+                        out=str(out), attention=attention)
+        logits[attention] = torch.load(out, weights_only=True)
+    assert (logits["sdpa"] - logits["default"]).abs().max().item() <= 1e-5
+    assert (logits["sdpa"] - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE

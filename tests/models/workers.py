@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 
-def megatron_logits(ckpt: str, tp: int, pp: int, tokens: list[list[int]], out: str, dtype: str = "float32") -> None:
+def megatron_logits(ckpt: str, tp: int, pp: int, tokens: list[list[int]], out: str, dtype: str = "float32",
+                    attention: str = "default") -> None:
     """Load ``ckpt`` at TP x PP, run the pipeline schedule forward, save full-vocab logits from the last stage."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -19,7 +20,7 @@ def megatron_logits(ckpt: str, tp: int, pp: int, tokens: list[list[int]], out: s
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    model = build_gpt_model(arch, params_dtype=getattr(torch, dtype))
+    model = build_gpt_model(arch, params_dtype=getattr(torch, dtype), attention=attention)
     load_model_weights(model, ckpt)
     model.eval()
     batch = torch.tensor(tokens, device=device())

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat Makefile pyproject.toml | sha1sum | cut 
 NEMO_RUN_DEPS := inquirerpy catalogue fabric fiddle torchx typer rich jinja2 networkx omegaconf toml \
 	loguru contextlib2 exceptiongroup ledoc-ui python-multipart
 
-.PHONY: venv test lint demo clean-venv slurm
+.PHONY: venv test lint demo clean-venv system-packages
 
 venv: $(STAMP)
 
@@ -32,13 +32,16 @@ $(STAMP): Makefile pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 
-# The Slurm tests start a real one-node cluster: Debian's slurm-wlm and munge (about 30 s to install, as root).
-slurm:
-	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
-	  test "$$(id -u)" = 0 || { echo "make test needs slurm-wlm and munge: install them as root" >&2; exit 1; }; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }
+# Debian packages the tests use (about 30 s to install, as root): slurm-wlm and munge for a real one-node Slurm
+# cluster; python3-sortedcontainers for the code sandbox, whose programs run on the system Python as LeetCode's do.
+SYSTEM_PACKAGES := slurm-wlm munge python3-sortedcontainers
+system-packages:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null && /usr/bin/python3 -c "import sortedcontainers" \
+	  2>/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "make test needs $(SYSTEM_PACKAGES): install them as root" >&2; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
 
-test: venv lint slurm
+test: venv lint system-packages
 	$(BIN)/python -m pytest
 
 demo: venv

@@ -9,6 +9,7 @@ math-verify parses. A user file with the same fields (``problem`` and ``answer``
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,10 @@ class Problem:
 
 
 def gold_answer(row: dict) -> str:
+    """The answer as a grader takes it: a string (code benchmarks: their tests as JSON)."""
+    if row.get("answer") is None and row.get("tests") is not None:  # LeetCode, Codeforces
+        tests = row["tests"]
+        return tests if isinstance(tests, str) else json.dumps(tests)
     answer = row.get("answer")
     text = "" if answer is None else str(answer).strip()
     if text in ("", "None") and "####" in str(row.get("solution", "")):  # GSM8K

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from flowrl_megatron.rewards.code import code_reward, extract_code
 from flowrl_megatron.rewards.math import extract_answer, math_reward
 from flowrl_megatron.rewards.synthetic import answer_set_reward, first_line
 
@@ -17,11 +18,13 @@ RewardFn = Callable[[str, str], float]
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "answer_set": answer_set_reward,
+    "code": code_reward,  # runs the program in the sandbox (flowrl_megatron.rewards.sandbox; needs root)
 }
 
 
 # What each reward grades: the final answer of a response, for counting distinct answers ("" when none).
-FINAL_ANSWERS: dict[str, Callable[[str], str | None]] = {"math": extract_answer, "answer_set": first_line}
+FINAL_ANSWERS: dict[str, Callable[[str], str | None]] = {"math": extract_answer, "answer_set": first_line,
+                                                         "code": extract_code}
 
 
 def final_answer(reward: str, response: str) -> str:

@@ -1,4 +1,4 @@
-"""The ``flowrl`` command: train, plot, demo."""
+"""The ``flowrl`` command: train, serve, plan, launch, eval, plot, make-tiny, demo."""
 
 from __future__ import annotations
 

@@ -235,7 +235,8 @@ class Trainer:
             texts = [d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in groups for s in g]
             answers = [p.answer for p, g in zip(picked, groups, strict=True) for _ in g]
             scores = d.pool.score(texts, answers)
-        info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors}
+        info = {"reward_timeouts": scores.timeouts, "reward_errors": scores.errors,
+                "test_pass_fraction": scores.mean_fraction}
         return build_batch(picked, groups, scores.rewards), info
 
     def _eval_samples(self) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
@@ -352,6 +353,8 @@ class Trainer:
             "reward/accuracy": (rewards > 0.5).float().mean().item(),
             "reward/timeouts": float(info["reward_timeouts"]),
             "reward/errors": float(info["reward_errors"]),
+            **({"reward/test_pass_fraction": info["test_pass_fraction"]}
+               if info["test_pass_fraction"] is not None else {}),
             "response/length_mean": lengths.mean().item(),
             "response/length_max": lengths.max().item(),
             "response/truncated_fraction": full["truncated"].float().mean().item(),

@@ -67,6 +67,8 @@ def evaluate_benchmark(name: str, problems: list, client, tokenizer, pool, setti
     metrics = {f"avg@{n}": metrics["pass@1"], **metrics, **text_diversity(texts)}
     metrics["response_tokens"] = sum(len(s.token_ids) for g in groups for s in g) / (n * len(problems))
     metrics.update(problems=len(problems), reward_timeouts=scores.timeouts, reward_errors=scores.errors)
+    if scores.mean_fraction is not None:
+        metrics["test_pass_fraction"] = scores.mean_fraction
     samples = [{"benchmark": name, "problem": i, "sample": j, "response": t, "answer": a, "correct": c}
                for i, (tg, ag, cg) in enumerate(zip(texts, answers, correct, strict=True))
                for j, (t, a, c) in enumerate(zip(tg, ag, cg, strict=True))]

@@ -3,7 +3,8 @@
 The answer field holds the tests as JSON (``flowrl_megatron.evaluation.benchmarks`` stores them so): either a
 list of ``{"input", "output"}`` stdin/stdout cases (Codeforces), compared line by line with trailing whitespace
 ignored, or ``{"functional": CHECK}``, Python that asserts on the program's definitions (LeetCode), run after the
-program with the usual LeetCode imports. Reward: 1 when every test passes, else 0; ``code_tests`` gives the counts.
+program with the usual LeetCode imports. Reward: 1 when every test passes, else 0, carrying the fraction passed
+(stdin/stdout cases stop at the first failure, so the fraction counts the cases passed before it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ def code_tests(response: str, answer: str, limits: Limits = LIMITS) -> tuple[int
     return passed, len(tests)
 
 
-def code_reward(response: str, answer: str) -> float:
+class Graded(float):
+    """A reward (a float like any other) that also carries the fraction of its tests that passed, which the
+    reward pool reports and the trainer logs (reward/test_pass_fraction)."""
+
+    fraction: float
+
+    def __new__(cls, reward: float, fraction: float) -> Graded:
+        graded = super().__new__(cls, reward)
+        graded.fraction = fraction
+        return graded
+
+
+def code_reward(response: str, answer: str) -> Graded:
     passed, total = code_tests(response, answer)
-    return float(passed == total and total > 0)
+    return Graded(float(passed == total and total > 0), passed / max(total, 1))

@@ -22,17 +22,19 @@ def _alarm(signum, frame):
     raise _Timeout
 
 
-def _score(name: str, response: str, answer: str, timeout_s: float) -> tuple[float, str]:
+def _score(name: str, response: str, answer: str, timeout_s: float) -> tuple[float, str, float | None]:
+    """(reward, "ok" | "timeout" | "error", the fraction of checks passed when the reward reports one)."""
     from flowrl_megatron.rewards import resolve_reward
 
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        return float(resolve_reward(name)(response, answer)), "ok"
+        reward = resolve_reward(name)(response, answer)
+        return float(reward), "ok", getattr(reward, "fraction", None)
     except _Timeout:
-        return 0.0, "timeout"
+        return 0.0, "timeout", None
     except Exception:  # a grader crash on odd model output scores as wrong, counted apart
-        return 0.0, "error"
+        return 0.0, "error", None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -42,6 +44,12 @@ class Scores:
     rewards: list[float]
     timeouts: int
     errors: int
+    fractions: list[float | None]  # per sample, from rewards that check several things (code: tests passed)
+
+    @property
+    def mean_fraction(self) -> float | None:
+        known = [f for f in self.fractions if f is not None]
+        return sum(known) / len(known) if known else None
 
 
 class RewardPool:
@@ -56,7 +64,7 @@ class RewardPool:
         # Every sample gets its own limit; queued ones wait for a free worker first.
         deadline_s = self.timeout_s * (math.ceil(len(jobs) / self.workers) + 1) + 5.0
         end = time.monotonic() + deadline_s
-        results: list[tuple[float, str]] = []
+        results: list[tuple[float, str, float | None]] = []
         for job in jobs:
             try:
                 results.append(job.get(timeout=max(0.0, end - time.monotonic())))
@@ -65,9 +73,9 @@ class RewardPool:
         if len(results) < len(jobs):  # a worker no signal could stop: replace the pool
             self._pool.terminate()
             self._pool = self._ctx.Pool(self.workers)
-            results += [(0.0, "timeout")] * (len(jobs) - len(results))
-        return Scores([r for r, _ in results], sum(s == "timeout" for _, s in results),
-                      sum(s == "error" for _, s in results))
+            results += [(0.0, "timeout", None)] * (len(jobs) - len(results))
+        return Scores([r for r, _, _ in results], sum(s == "timeout" for _, s, _ in results),
+                      sum(s == "error" for _, s, _ in results), [f for _, _, f in results])
 
     def close(self) -> None:
         self._pool.terminate()

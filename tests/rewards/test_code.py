@@ -49,3 +49,4 @@ def test_the_reward_pool_runs_code_rewards():
     finally:
         pool.close()
     assert scores.rewards == [1.0, 0.0] and scores.timeouts == 0
+    assert scores.fractions == [1.0, 0.0] and scores.mean_fraction == 0.5

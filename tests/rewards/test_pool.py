@@ -16,7 +16,7 @@ def test_scores_in_order_and_counts_timeouts_and_errors():
         assert time.monotonic() - start < 10
         errors = RewardPool("tests.rewards.slow_rewards:raises_on_one", workers=1, timeout_s=1.0)
         assert errors.score(["crash", "y"], ["crash", "y"]).__dict__ == {"rewards": [0.0, 1.0], "timeouts": 0,
-                                                                         "errors": 1}
+                                                                         "errors": 1, "fractions": [None, None]}
         errors.close()
     finally:
         pool.close()

@@ -112,6 +112,7 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
     from transformers import AutoTokenizer
 
     from flowrl_megatron.evaluation.benchmarks import load_benchmark, resolve
+    from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.rewards import REWARDS
     from flowrl_megatron.rewards.pool import RewardPool
     from flowrl_megatron.rollout.client import RolloutClient
@@ -126,6 +127,11 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
     from flowrl_megatron.data.prompts import render
 
     longest = max(len(render(p.problem, settings.template, tokenizer)) for ps in suites.values() for p in ps)
+    limit = load_arch(served).max_position_embeddings
+    if longest + settings.max_response_tokens > limit:
+        raise UserError(f"the longest prompt ({longest} tokens) plus --max-response-tokens "
+                        f"({settings.max_response_tokens}) exceeds the model's {limit} positions; lower "
+                        "--max-response-tokens.")
     engine = EngineConfig(model=str(served), max_model_len=longest + settings.max_response_tokens)
     results, samples = {}, {}
     pool = RewardPool(settings.reward, settings.reward_workers, settings.reward_timeout_s)

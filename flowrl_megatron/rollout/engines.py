@@ -172,7 +172,8 @@ class Engine:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
-        match = re.search(r"\b\w*(?:Error|Exception): .*", text)
+        # A traceback's last line starts the line; warnings that merely mention an error do not.
+        match = re.search(r"^[\w.]*(?:Error|Exception): .*", text, re.MULTILINE)
         return match.group(0) if match else "(no error line in the log)"
 
     def log_tail(self, lines: int = 30) -> str:

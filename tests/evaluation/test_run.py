@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,28 @@ def test_eval_of_a_megatron_checkpoint_reports_what_its_samples_say(tmp_path):
     assert 0 < result["pairwise_similarity"] <= 1 and 0 < result["distinct_ngrams"] <= 1
     assert "| letters |" in (out / "results.md").read_text()
     assert (out / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_runs_the_papers_protocol_on_a_shipped_benchmark(tmp_path):
+    """The first two AIME 2024 problems (a copy of ../shared's file), DAPO prompts, math-verify grading: a random
+    tiny model answers nothing correctly, and every column of the table is there."""
+    bench = tmp_path / "aime2024.json"
+    bench.write_text((Path(__file__).with_name("aime2024_first2.json")).read_text())
+    model = make_tiny_qwen2(tmp_path / "model", max_position_embeddings=2048)  # DAPO prompts: ~700 characters
+    out = tmp_path / "eval"
+    too_long = subprocess.run([sys.executable, "-m", "flowrl_megatron", "eval", "--model", str(model), "--benchmarks",
+                               "aime2024", "--data-dir", str(tmp_path), "--max-response-tokens", "4000", "--out",
+                               str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert too_long.returncode == 2 and "exceeds the model's 2048 positions" in too_long.stderr
+    done = subprocess.run([sys.executable, "-m", "flowrl_megatron", "eval", "--model", str(model),
+                           "--benchmarks", "aime2024", "--data-dir", str(tmp_path), "--n", "4",
+                           "--max-response-tokens", "16", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["temperature"] == 0.6 and report["settings"]["top_p"] == 0.95
+    result = report["results"]["aime2024"]
+    assert result["problems"] == 2 and result["avg@4"] == 0.0 and result["pass@4"] == 0.0
+    assert 0 < result["response_tokens"] <= 16
+    header = (out / "results.md").read_text().splitlines()[4]
+    assert header.split(" | ")[:4] == ["| benchmark", "avg@4", "pass@1", "pass@2"]

@@ -115,3 +115,14 @@ def test_killed_engine_loses_and_duplicates_nothing_and_restarts(engines, client
 def test_a_directory_without_config_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"has no config\.json"):
         EngineGroup(EngineConfig(model=str(tmp_path)), 1, tmp_path)
+
+
+def test_the_startup_error_shown_is_the_traceback_not_a_warning_that_mentions_one(tmp_path):
+    from flowrl_megatron.rollout.engines import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tmp_path)), 0, tmp_path, "key", port=1)
+    engine.log_path.write_text(
+        "(APIServer pid=1) WARNING ... This can cause fd limit errors like `OSError: [Errno 24] Too many open files`.\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n")
+    assert engine.first_error() == "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig"

@@ -13,7 +13,7 @@ import pytest
 from flowrl_megatron.rewards.code import code_reward
 from flowrl_megatron.rewards.sandbox import Limits, processes_of, run_program
 
-LIMITS = Limits(wall_s=4.0, cpu_s=2, memory_mb=256, processes=16)
+LIMITS = Limits(wall_s=2.0, cpu_s=1, memory_mb=256, processes=16)
 SLACK_S = 12.0  # on top of the wall limit: killing every process of the run's uid, on a loaded 2-core machine
 
 

@@ -1,6 +1,7 @@
 """slurm/tiny_cpu.sbatch on a real one-node Slurm cluster: the 32B job's structure (slurm/launch.sh: a vLLM
-engine under srun, torchrun under srun, the trainer reaching the engine by URL) runs to the end and leaves its
-checkpoint, metrics and per-role logs; a role that fails ends the job non-zero with a message naming it."""
+engine under srun, torchrun under srun, the trainer reaching the engine by URL) is requeued by a signal, resumes and
+runs to the end, leaving its checkpoint, metrics and per-role logs; a role that fails ends the job non-zero with a
+message naming it."""
 
 from __future__ import annotations
 
@@ -42,21 +43,6 @@ def sbatch(cluster: SlurmCluster, tmp_path, **settings: str) -> tuple[int, str]:
     return done.returncode, (out.read_text() if out.exists() else "") + done.stderr
 
 
-def test_tiny_sbatch_trains_with_engines_under_srun(cluster, tiny, tmp_path):
-    run_dir = tmp_path / "run"
-    code, log = sbatch(cluster, tmp_path, RUN_DIR=str(run_dir), MODEL=str(tiny / "model"),
-                       OVERRIDES=f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=4 checkpoint.every=2")
-    assert code == 0, log
-    assert "training finished; engines stopped" in log
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["weights/version"] == 4
-    logs = {p.name.split("-")[0] for p in (run_dir / "logs").glob("job-*/*.log")}
-    assert logs == {"rollout", "trainer"}
-    config = (run_dir / "config.yaml").read_text()
-    assert "engine_urls:\n  - http://" in config  # the trainer used the engine srun started, not its own
-
-
 def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
     broken = tmp_path / "no_weights"  # a config and tokenizer but no weights: the trainer's conversion fails
     broken.mkdir()
@@ -69,9 +55,10 @@ def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
     assert not list(tmp_path.glob("run/checkpoints/step_*"))
 
 
-def test_a_signalled_job_requeues_and_resumes_from_its_checkpoint(cluster, tiny, tmp_path):
-    """SIGUSR1 to the batch script (what --signal=B:USR1@... sends before preemption or the time limit) requeues the
-    job; the second run resumes from the latest checkpoint and finishes every step once."""
+def test_a_signalled_job_requeues_resumes_and_finishes(cluster, tiny, tmp_path):
+    """The tiny job trains with its engine under srun; SIGUSR1 to the batch script (what --signal=B:USR1@... sends
+    before preemption or the time limit) requeues it; the second run resumes from the latest checkpoint and finishes
+    every step once, leaving its checkpoint, metrics and per-role logs."""
     run_dir = tmp_path / "run"
     env = {**cluster.env, "FLOWRL_PYTHON": sys.executable, "RUN_DIR": str(run_dir), "MODEL": str(tiny / "model"),
            "OVERRIDES": f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=6 checkpoint.every=2"}
@@ -95,3 +82,8 @@ def test_a_signalled_job_requeues_and_resumes_from_its_checkpoint(cluster, tiny,
     assert "requeueing" in log and "training finished" in log
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert json.loads(metrics.read_text().splitlines()[-1])["weights/version"] == 6
+    logs = {p.name.split("-")[0] for p in (run_dir / "logs").glob("job-*/*.log")}
+    assert logs == {"rollout", "trainer"}
+    config = (run_dir / "config.yaml").read_text()
+    assert "engine_urls:\n  - http://" in config  # the trainer used the engine srun started, not its own

@@ -34,11 +34,11 @@ from flowrl_megatron.checkpoint import (
 )
 from flowrl_megatron.config import RunConfig, load_config
 from flowrl_megatron.evaluation.metrics import group_metrics
+from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model
-from flowrl_megatron.rewards import final_answer
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -250,13 +250,11 @@ class Trainer:
                                   temperature=ev.temperature, top_p=ev.top_p)
         # The same seeds at every evaluation: what changes between evaluations is the model, not the sampler.
         seeds = [sample_seed(self.cfg.train.seed, -1, i) for i in range(len(d.eval_prompts))]
-        groups = d.client.generate([p.token_ids for p in d.eval_prompts], sampling, seeds)
-        texts = [[d.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
-        scores = d.pool.score([t for g in texts for t in g], [p.answer for p in d.eval_prompts for _ in range(ev.n)])
-        correct = [[r > 0.5 for r in scores.rewards[i * ev.n : (i + 1) * ev.n]] for i in range(len(texts))]
-        answers = [[final_answer(self.cfg.reward.name, t) for t in g] for g in texts]
-        batch = build_batch(d.eval_prompts, groups, scores.rewards)
-        values = {f"eval/{k}": v for k, v in group_metrics(answers, correct).items()}
+        graded = sample_and_grade(d.client, d.tokenizer, d.pool, self.cfg.reward.name,
+                                  [p.token_ids for p in d.eval_prompts], [p.answer for p in d.eval_prompts],
+                                  sampling, seeds)
+        batch = build_batch(d.eval_prompts, graded.groups, graded.scores.rewards)
+        values = {f"eval/{k}": v for k, v in group_metrics(graded.answers, graded.correct).items()}
         values["eval/reward_mean"] = batch["rewards"].mean().item()
         values["eval/response_length"] = batch["response_mask"].sum(1).float().mean().item()
         return batch, values

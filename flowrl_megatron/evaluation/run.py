@@ -47,25 +47,23 @@ def hf_model(model: Path, out: Path) -> Path:
                     "(metadata.json).")
 
 
-def evaluate_benchmark(name: str, problems: list, client, tokenizer, pool, settings: EvalSettings) -> tuple[dict, list]:
-    """Metrics of one benchmark and its samples."""
-    from flowrl_megatron.data.prompts import render
+def evaluate_benchmark(name: str, problems: list, prompts: list[list[int]], client, tokenizer, pool,
+                       settings: EvalSettings) -> tuple[dict, list]:
+    """Metrics of one benchmark (``prompts``: its problems rendered to token ids) and its samples."""
     from flowrl_megatron.evaluation.metrics import group_metrics, text_diversity
-    from flowrl_megatron.rewards import final_answer
+    from flowrl_megatron.evaluation.sampling import sample_and_grade
     from flowrl_megatron.rollout.client import SamplingConfig
 
     n = settings.n
-    prompts = [render(p.problem, settings.template, tokenizer) for p in problems]
     sampling = SamplingConfig(n=n, max_tokens=settings.max_response_tokens, temperature=settings.temperature,
                               top_p=settings.top_p)
-    groups = client.generate(prompts, sampling, [settings.seed * 1_000_003 + i for i in range(len(prompts))])
-    texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
-    scores = pool.score([t for g in texts for t in g], [p.answer for p in problems for _ in range(n)])
-    correct = [[r > 0.5 for r in scores.rewards[i * n : (i + 1) * n]] for i in range(len(problems))]
-    answers = [[final_answer(settings.reward, t) for t in g] for g in texts]
+    seeds = [settings.seed * 1_000_003 + i for i in range(len(prompts))]
+    graded = sample_and_grade(client, tokenizer, pool, settings.reward, prompts, [p.answer for p in problems],
+                              sampling, seeds)
+    texts, answers, correct, scores = graded.texts, graded.answers, graded.correct, graded.scores
     metrics = group_metrics(answers, correct)
     metrics = {f"avg@{n}": metrics["pass@1"], **metrics, **text_diversity(texts)}
-    metrics["response_tokens"] = sum(len(s.token_ids) for g in groups for s in g) / (n * len(problems))
+    metrics["response_tokens"] = sum(len(s.token_ids) for g in graded.groups for s in g) / (n * len(problems))
     metrics.update(problems=len(problems), reward_timeouts=scores.timeouts, reward_errors=scores.errors)
     if scores.mean_fraction is not None:
         metrics["test_pass_fraction"] = scores.mean_fraction
@@ -111,6 +109,7 @@ def plot_pass_at_k(results: dict[str, dict], path: Path) -> Path:
 def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, settings: EvalSettings) -> dict[str, dict]:
     from transformers import AutoTokenizer
 
+    from flowrl_megatron.data.prompts import render
     from flowrl_megatron.evaluation.benchmarks import load_benchmark, resolve
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.rewards import REWARDS
@@ -124,9 +123,8 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
     out.mkdir(parents=True, exist_ok=True)
     served = hf_model(model, out)
     tokenizer = AutoTokenizer.from_pretrained(served)
-    from flowrl_megatron.data.prompts import render
-
-    longest = max(len(render(p.problem, settings.template, tokenizer)) for ps in suites.values() for p in ps)
+    prompts = {name: [render(p.problem, settings.template, tokenizer) for p in ps] for name, ps in suites.items()}
+    longest = max(len(ids) for ps in prompts.values() for ids in ps)
     limit = load_arch(served).max_position_embeddings
     if longest + settings.max_response_tokens > limit:
         raise UserError(f"the longest prompt ({longest} tokens) plus --max-response-tokens "
@@ -139,7 +137,8 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
         with EngineGroup(engine, 1, out / "engine_logs").start() as engines:
             client = RolloutClient(engines.urls, engines.api_key)
             for name, problems in suites.items():
-                results[name], samples[name] = evaluate_benchmark(name, problems, client, tokenizer, pool, settings)
+                results[name], samples[name] = evaluate_benchmark(name, problems, prompts[name], client, tokenizer,
+                                                                  pool, settings)
                 print(f"{name}: avg@{settings.n} {100 * results[name][f'avg@{settings.n}']:.2f}", flush=True)
     finally:
         pool.close()

@@ -91,6 +91,7 @@ def step_times(repeats: int, seq_len: int, batch: int) -> dict[str, list[float]]
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import wrap_ddp
     from flowrl_megatron.training.step import forward_backward
 
@@ -127,7 +128,8 @@ def step_times(repeats: int, seq_len: int, batch: int) -> dict[str, list[float]]
         return out, loss
 
     def flowrl() -> None:
-        forward_backward([ddp], batch_dict, AlgorithmConfig(), micro_batch_size=batch, vocab_size=arch.vocab_size)
+        forward_backward([ddp], batch_dict, AlgorithmConfig(), batching=MicroBatching(batch),
+                         vocab_size=arch.vocab_size)
 
     def plain() -> None:
         get_forward_backward_func()(forward_step_func=ce_step, data_iterator=iter([tokens]), model=[ddp],

@@ -117,9 +117,10 @@ class Toy:
         return model, wrap_ddp(model)
 
     def token_logprobs(self, ddp) -> torch.Tensor:
+        from flowrl_megatron.training.micro_batches import MicroBatching
         from flowrl_megatron.training.step import forward_logprobs
 
-        return forward_logprobs([ddp], sequence_batch(self.responses), micro_batch_size=self.responses.shape[0],
+        return forward_logprobs([ddp], sequence_batch(self.responses), batching=MicroBatching(self.responses.shape[0]),
                                 vocab_size=VOCAB)
 
     def distribution(self, ddp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +161,7 @@ class Toy:
     def train(self, algorithm: str, ref_state: dict, ref_tok: torch.Tensor, steps: int, samples: int, lr: float,
               seed: int, normalization: str | None = None, z_lr_mult: float = 1.0) -> torch.Tensor:
         from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+        from flowrl_megatron.training.micro_batches import MicroBatching
         from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer
         from flowrl_megatron.training.step import forward_backward
 
@@ -177,7 +179,7 @@ class Toy:
             adv = normalize_rewards(cfg, self.rewards[idx].float(), groups)
             batch = sequence_batch(self.responses[idx], old=tok[idx], ref=ref_tok[idx], advantages=adv)
             ddp.zero_grad_buffer()
-            forward_backward([ddp], batch, cfg, micro_batch_size=samples, vocab_size=VOCAB)
+            forward_backward([ddp], batch, cfg, batching=MicroBatching(samples), vocab_size=VOCAB)
             optimizer.step()
             scheduler.step(increment=1)
         return self.distribution(ddp)[1]

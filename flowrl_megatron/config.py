@@ -76,6 +76,12 @@ class TrainConfig:
     mini_batch_prompts: int = 32  # prompts per optimizer step
     epochs: int = 1  # passes over each rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    # > 0: micro-batches by token budget instead (as many samples as fit, longest first; data-parallel ranks get
+    # equal token loads); micro_batch_size is then unused.
+    max_tokens_per_micro_batch: int = 0
+    # Samples end to end in one row (THD), no padding, where the attention takes it (transformer-engine on GPU,
+    # model.attention=sdpa); else padded rows.
+    pack_sequences: bool = True
     lr: float = 1e-6
     weight_decay: float = 0.1
     warmup_steps: int = 10  # optimizer steps
@@ -270,7 +276,14 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.prompts_per_step={t.prompts_per_step} is not a multiple of "
                         f"train.mini_batch_prompts={t.mini_batch_prompts}.")
     rows = t.mini_batch_prompts * ro.n
-    if rows % (cfg.dp * t.micro_batch_size):
+    longest = d.max_prompt_tokens + ro.max_response_tokens
+    if t.max_tokens_per_micro_batch < 0 or 0 < t.max_tokens_per_micro_batch < longest:
+        raise UserError(f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} is below the longest "
+                        f"sample (data.max_prompt_tokens + rollout.max_response_tokens = {longest}); raise it, or "
+                        "set 0 for micro_batch_size samples per micro-batch.")
+    if t.max_tokens_per_micro_batch and rows < cfg.dp:
+        raise UserError(f"a mini-batch has {rows} sequences (mini_batch_prompts x n), fewer than dp={cfg.dp} ranks.")
+    if not t.max_tokens_per_micro_batch and rows % (cfg.dp * t.micro_batch_size):
         raise UserError(f"a mini-batch has {rows} sequences (mini_batch_prompts x n), which does not split into "
                         f"dp={cfg.dp} ranks x micro_batch_size={t.micro_batch_size}; change one of them.")
     if not 0 < ro.temperature <= 10 or not 0 < ro.top_p <= 1:

@@ -38,9 +38,10 @@ from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, format_breakdown
 from flowrl_megatron.models.arch import load_arch
-from flowrl_megatron.models.gpt import build_gpt_model
+from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
+from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split, sample_lengths
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
 from flowrl_megatron.training.step import forward_backward, forward_logprobs, reduce_stats
 
@@ -119,13 +120,16 @@ def build_batch(prompts: list, groups: list, rewards: list[float]) -> dict[str, 
     }
 
 
-def local_rows(cfg: RunConfig) -> torch.Tensor:
-    """This data-parallel rank's rows: its contiguous share of every mini-batch, mini-batch after mini-batch."""
+def local_rows(full: dict[str, torch.Tensor], cfg: RunConfig, batching: MicroBatching) -> list[torch.Tensor]:
+    """This data-parallel rank's rows of each mini-batch (equal token loads with a token budget)."""
     rows = cfg.train.mini_batch_prompts * cfg.rollout.n
-    share = rows // cfg.dp
+    lengths = sample_lengths(full)
     dp_rank = parallel_state.get_data_parallel_rank()
-    minis = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-    return torch.cat([torch.arange(k * rows + dp_rank * share, k * rows + (dp_rank + 1) * share) for k in range(minis)])
+    out = []
+    for start in range(0, len(lengths), rows):
+        mine = data_parallel_split(lengths[start : start + rows], cfg.dp, batching)[dp_rank]
+        out.append(torch.tensor(mine) + start)
+    return out
 
 
 def padded(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
@@ -171,6 +175,8 @@ class Trainer:
                                          z_head_lr_mult=cfg.z_head.lr_mult, bf16=dtype == torch.bfloat16,
                                          use_distributed_optimizer=t.distributed_optimizer)
         self.minis = t.prompts_per_step // t.mini_batch_prompts
+        self.batching = MicroBatching(micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_micro_batch,
+                                      packed=t.pack_sequences and takes_packed_sequences(cfg.model.attention))
         self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
                                             total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
         self.step, version, data = 0, 0, {"epoch": 0, "offset": 0}
@@ -183,7 +189,7 @@ class Trainer:
         if self.driver is not None:
             self.driver.stream.restore(data)
             print(f"{len(self.driver.prompts)} prompts ({self.driver.filtered} longer than data.max_prompt_tokens "
-                  "left out)", flush=True)
+                  f"left out); micro-batches: {describe(self.batching)}", flush=True)
         self.sync = self._connect_weight_sync(version)
         if resumed is not None:  # the engines start from model.path: give them the resumed weights
             self.sync.send(version=version)
@@ -268,12 +274,11 @@ class Trainer:
         box = [self._eval_samples()]
         dist.broadcast_object_list(box, src=0)
         batch, values = box[0]
-        t = self.cfg.train
-        batch = padded(batch, self.cfg.dp * t.micro_batch_size)
-        share = batch["tokens"].shape[0] // self.cfg.dp
-        dp_rank = parallel_state.get_data_parallel_rank()
-        local = trimmed(batch, slice(dp_rank * share, (dp_rank + 1) * share))
-        kw = dict(micro_batch_size=t.micro_batch_size, vocab_size=self.arch.vocab_size, temperature=1.0)
+        dp, batching = self.cfg.dp, self.batching
+        batch = padded(batch, dp * (1 if batching.dynamic else batching.micro_batch_size))
+        mine = data_parallel_split(sample_lengths(batch), dp, batching)[parallel_state.get_data_parallel_rank()]
+        local = trimmed(batch, torch.tensor(mine))
+        kw = dict(batching=batching, vocab_size=self.arch.vocab_size, temperature=1.0)
         policy = forward_logprobs([self.ddp], local, **kw)
         reference = forward_logprobs([self.reference], local, **kw)
         per_mb = []
@@ -294,10 +299,10 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         full, info = box[0]
         full["advantages"] = normalize_rewards(algo, full["rewards"], full["group_ids"])
-        local = trimmed(full, local_rows(cfg))
-        per_mini = local["tokens"].shape[0] // self.minis
-        kw = dict(micro_batch_size=t.micro_batch_size, vocab_size=self.arch.vocab_size,
-                  temperature=cfg.rollout.temperature)
+        minis = local_rows(full, cfg, self.batching)
+        local = trimmed(full, torch.cat(minis))
+        ends = torch.tensor([len(m) for m in minis]).cumsum(0).tolist()
+        kw = dict(batching=self.batching, vocab_size=self.arch.vocab_size, temperature=cfg.rollout.temperature)
         with timer("logprobs"):
             if self.reference is not None:
                 ref = forward_logprobs([self.reference], local, **kw)
@@ -313,7 +318,7 @@ class Trainer:
         with timer("update"):
             for epoch in range(t.epochs):
                 for k in range(self.minis):
-                    rows = slice(k * per_mini, (k + 1) * per_mini)
+                    rows = slice(ends[k] - len(minis[k]), ends[k])
                     first = epoch == 0 and k == 0
                     mb = trimmed({key: local[key] for key in keys + ["rollout_logprobs"] * first if key in local},
                                  rows)
@@ -366,6 +371,8 @@ class Trainer:
             "perf/rollout_tokens_per_s": lengths.sum().item() / max(seconds["rollout"], 1e-9),
         }
         out.update({f"train/{k}": v for k, v in totals.items() if not k.startswith("count/")})
+        out["batching/padding_fraction"] = 1.0 - totals["count/sample_tokens"] / max(totals["count/model_tokens"], 1)
+        out["batching/micro_batches"] = totals["count/micro_batches"] / self.cfg.dp
         out.update({f"time/{k}": v for k, v in seconds.items()})
         return out
 
@@ -414,6 +421,13 @@ class Trainer:
             breakdown = {k.removeprefix("time/"): v for k, v in sums.items()}
             print(format_breakdown(breakdown), flush=True)
             (self.run_dir / "time_breakdown.json").write_text(json.dumps(breakdown, indent=1))
+
+
+def describe(batching: MicroBatching) -> str:
+    layout = "packed (THD)" if batching.packed else "padded"
+    if batching.dynamic:
+        return f"{layout}, up to {batching.max_tokens} tokens each"
+    return f"{layout}, {batching.micro_batch_size} samples each"
 
 
 def format_eval(step: int, values: dict[str, float]) -> str:

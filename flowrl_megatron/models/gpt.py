@@ -27,6 +27,12 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def takes_packed_sequences(attention: str = "default") -> bool:
+    """Whether the attention ``layer_spec`` picks takes megatron-core's packed (THD) sequences: transformer-engine's
+    and SDPA do, megatron-core's local attention does not."""
+    return attention == "sdpa" or transformer_engine_available()
+
+
 def layer_spec(use_te: bool | None = None, attention: str = "default") -> ModuleSpec:
     """transformer-engine's spec when it is usable, else megatron-core's local spec; ``attention="sdpa"``: the
     local spec with torch's scaled_dot_product_attention as its core attention."""
@@ -59,7 +65,7 @@ def transformer_config(
     ``recompute``: full activation recompute, one layer at a time (only each layer's input is kept).
     """
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    config = TransformerConfig(
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
@@ -93,6 +99,10 @@ def transformer_config(
         apply_rope_fusion=False,
         calculate_per_token_loss=calculate_per_token_loss,
     )
+    # Micro-batches differ in shape (each is cut to its longest sample, or packed), so pipeline stages exchange
+    # shapes first. Set after construction: the constructor refuses it with its (MoE-only) default dispatcher.
+    config.variable_seq_lengths = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    return config
 
 
 def build_gpt_model(

@@ -26,10 +26,14 @@ class PolicyModel(GPTModel):
     def _keep_final_hidden(self, module, inputs, output) -> None:
         self._final_hidden = output
 
-    def forward(self, input_ids, position_ids, attention_mask, prompt_mask: torch.Tensor | None = None, **kwargs):
-        """Logits on the last stage (plus log Z [b] when ``prompt_mask`` is given); hidden states elsewhere."""
+    def forward(self, input_ids, position_ids, attention_mask, prompt_mask: torch.Tensor | None = None,
+                sample_ids: torch.Tensor | None = None, **kwargs):
+        """Logits on the last stage (plus log Z per sample when ``prompt_mask`` is given); hidden states elsewhere.
+
+        Packed input (one row of several samples): ``sample_ids`` says which sample each token belongs to.
+        """
         out = super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **kwargs)
         if self.z_head is None or prompt_mask is None:
             return out
         hidden, self._final_hidden = self._final_hidden, None
-        return out, self.z_head(mean_pool(hidden, prompt_mask))
+        return out, self.z_head(mean_pool(hidden, prompt_mask, sample_ids))

@@ -3,11 +3,14 @@ flash or memory-efficient kernels on GPU without transformer-engine, and no [b, 
 for the backward pass. A drop-in for megatron's ``DotProductAttention`` (same constructor and forward).
 
 Masking is causal through ``is_causal`` (what lets the fused kernels run): exact for our batches, whose padding
-is on the right, so no real token ever attends to a pad. Grouped-query attention repeats the key/value heads.
+is on the right, so no real token ever attends to a pad. Packed sequences (megatron-core's THD format, as
+transformer-engine takes them) are attended one sample at a time, each causal on its own. Grouped-query attention
+repeats the key/value heads.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -41,9 +44,22 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        """[s, b, heads, d] query, [s, b, groups, d] key and value -> [s, b, heads * d]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes neither packed sequences nor an attention bias")
+        """[s, b, heads, d] query, [s, b, groups, d] key and value -> [s, b, heads * d].
+
+        Packed: [t, heads, d] and [t, groups, d], the samples' boundaries in ``packed_seq_params.cu_seqlens_q``
+        -> [t, heads * d].
+        """
+        if attention_bias is not None:
+            raise ValueError("SDPAttention takes no attention bias")
+        if packed_seq_params is None:
+            return self._attend(query, key, value)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention takes packed sequences as thd, got {packed_seq_params.qkv_format}")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        return torch.cat([self._attend(query[a:b, None], key[a:b, None], value[a:b, None])[:, 0]
+                          for a, b in itertools.pairwise(bounds)])
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         s, b = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if self.groups != self.heads:

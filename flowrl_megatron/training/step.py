@@ -23,23 +23,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from flowrl_megatron.algorithms.logprobs import megatron_logprobs
 from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
-from flowrl_megatron.models.gpt import causal_attention_mask
 from flowrl_megatron.runtime import device
-
-
-def micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    size = batch["tokens"].shape[0]
-    if size % micro_batch_size:
-        raise ValueError(f"batch of {size} samples is not a multiple of micro_batch_size={micro_batch_size}")
-    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, size, micro_batch_size)]
-
-
-def _forward(model, mb: dict[str, torch.Tensor], with_log_z: bool):
-    ids = mb["tokens"]
-    b, s = ids.shape
-    positions = torch.arange(s, device=ids.device).expand(b, s)
-    kwargs = {"prompt_mask": mb["prompt_mask"]} if with_log_z else {}
-    return model(input_ids=ids, position_ids=positions, attention_mask=causal_attention_mask(s, ids.device), **kwargs)
+from flowrl_megatron.training.micro_batches import MicroBatch, MicroBatching, micro_batches
 
 
 def token_logprobs(logits, tokens, vocab_size: int, temperature: float):
@@ -53,15 +38,23 @@ def token_logprobs(logits, tokens, vocab_size: int, temperature: float):
     return torch.cat([pad, lp[:, :-1]], dim=1), torch.cat([pad, ent[:, :-1]], dim=1)
 
 
-def _run(model_chunks, batches: list[dict], step_fn, forward_only: bool) -> list:
-    seq_len = batches[0]["tokens"].shape[1]
+def _logprobs(micro: MicroBatch, logits, vocab_size: int, temperature: float):
+    """Token-aligned log-probs and entropies of the micro-batch's samples, as rows [n, L]."""
+    lp, ent = token_logprobs(logits, micro.pack(micro.rows["tokens"]), vocab_size, temperature)
+    return micro.to_rows(lp), micro.to_rows(ent)
+
+
+def _run(model_chunks, batches: list[MicroBatch], step_fn, forward_only: bool) -> list:
+    """megatron-core's schedule over ``batches``; their shapes vary, which pipeline stages exchange first
+    (``variable_seq_lengths``), so the shapes given here matter to nothing."""
+    n, width = batches[0].rows["tokens"].shape
     return get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=iter(batches),
         model=model_chunks,
         num_microbatches=len(batches),
-        seq_length=seq_len,
-        micro_batch_size=batches[0]["tokens"].shape[0],
+        seq_length=width,
+        micro_batch_size=n,
         forward_only=forward_only,
     )
 
@@ -71,7 +64,7 @@ def forward_backward(
     batch: dict[str, torch.Tensor],
     cfg: AlgorithmConfig,
     *,
-    micro_batch_size: int,
+    batching: MicroBatching,
     vocab_size: int,
     temperature: float = 1.0,
 ) -> dict[str, float]:
@@ -85,12 +78,13 @@ def forward_backward(
         raise ValueError("build the policy with calculate_per_token_loss=True for global-batch loss normalisation")
 
     def step(data_iterator: Iterator, model):
-        mb = next(data_iterator)
-        out = _forward(model, mb, cfg.needs_log_z)
+        micro: MicroBatch = next(data_iterator)
+        out = model(**micro.model_inputs(with_prompt_mask=cfg.needs_log_z))
+        mb = micro.rows
 
         def loss_func(output):
             logits, log_z = output if isinstance(output, tuple) else (output, None)
-            lp, ent = token_logprobs(logits, mb["tokens"], vocab_size, temperature)
+            lp, ent = _logprobs(micro, logits, vocab_size, temperature)
             total, count, stats = policy_loss(cfg, LossInputs(
                 logprobs=lp, entropy=ent,
                 old_logprobs=mb["old_logprobs"] if "old_logprobs" in mb else lp.detach(),  # on-policy: w = 1
@@ -105,11 +99,14 @@ def forward_backward(
                 stats["max/mismatch_abs_diff"] = (diff.abs() * mask).max()
             stats["count/sequences"] = torch.tensor(float(lp.shape[0]))
             stats["count/tokens"] = mask.sum().float()
+            stats["count/sample_tokens"] = micro.lengths.sum().float()
+            stats["count/model_tokens"] = torch.tensor(float(micro.tokens))
+            stats["count/micro_batches"] = torch.tensor(1.0)
             return total, count, stats
 
         return out, loss_func
 
-    per_mb = _run(model_chunks, micro_batches(batch, micro_batch_size), step, forward_only=False)
+    per_mb = _run(model_chunks, micro_batches(batch, batching), step, forward_only=False)
     return reduce_stats(per_mb)
 
 
@@ -117,27 +114,35 @@ def forward_logprobs(
     model_chunks: list,
     batch: dict[str, torch.Tensor],
     *,
-    micro_batch_size: int,
+    batching: MicroBatching,
     vocab_size: int,
     temperature: float = 1.0,
 ) -> torch.Tensor | None:
-    """Per-token log-probs [B, S] of ``batch`` under the model (old or reference); on the last stage, else None."""
+    """Per-token log-probs [B, S] of ``batch`` under the model (old or reference); on the last stage, else None.
+
+    Positions past a row's sample hold zeros.
+    """
 
     def step(data_iterator: Iterator, model):
-        mb = next(data_iterator)
-        out = _forward(model, mb, with_log_z=False)
+        micro: MicroBatch = next(data_iterator)
+        out = model(**micro.model_inputs(with_prompt_mask=False))
 
         def collect(output):
-            lp, _ = token_logprobs(output, mb["tokens"], vocab_size, temperature)
+            lp, _ = _logprobs(micro, output, vocab_size, temperature)
             return lp.sum() * 0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
 
         return out, collect
 
+    batches = micro_batches(batch, batching)
     with torch.no_grad():
-        per_mb = _run(model_chunks, micro_batches(batch, micro_batch_size), step, forward_only=True)
+        per_mb = _run(model_chunks, batches, step, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return torch.cat([d["logprobs"] for d in per_mb])
+    out = torch.zeros(batch["tokens"].shape, device=device())
+    for micro, d in zip(batches, per_mb, strict=True):
+        lp = d["logprobs"] * micro.rows["prompt_mask"].logical_or(micro.rows["response_mask"])
+        out[micro.index.to(out.device), : lp.shape[1]] = lp
+    return out
 
 
 def reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -83,8 +83,10 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
     }
 
 
-def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: str, recompute: bool = False) -> None:
-    """Loss stats and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO."""
+def policy_gradients(ckpt: str, tp: int, pp: int, out: str, micro_batch_size: int = 8, max_tokens: int = 0,
+                     packed: bool = False, attention: str = "default", recompute: bool = False) -> None:
+    """Loss stats and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO; on one rank also
+    the per-token log-probs and each sample's log Z."""
     from pathlib import Path
 
     from megatron.core import parallel_state
@@ -96,24 +98,40 @@ def policy_gradients(ckpt: str, tp: int, pp: int, micro_batch_size: int, out: st
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split, sample_lengths
     from flowrl_megatron.training.parallel import wrap_ddp
-    from flowrl_megatron.training.step import forward_backward
+    from flowrl_megatron.training.step import forward_backward, forward_logprobs
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True, recompute=recompute)
+    model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True, recompute=recompute,
+                            attention=attention)
     load_model_weights(model, ckpt, new_prefixes=("z_head.",))
     ddp = wrap_ddp(model)
+    batching = MicroBatching(micro_batch_size, max_tokens, packed)
     batch = synthetic_batch(arch)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = batch["tokens"].shape[0] // dp
-    local = {k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items() if k != "rewards"}
+    mine = torch.tensor(data_parallel_split(sample_lengths(batch), dp, batching)[dp_rank])
+    local = {k: v[mine] for k, v in batch.items() if k != "rewards"}
     result = {}
+    if torch.distributed.get_world_size() == 1:
+        with torch.no_grad():
+            result["logprobs"] = forward_logprobs([ddp], local, batching=batching, vocab_size=arch.vocab_size)
+            result["log_z"] = log_z_per_sample(model, local, packed)
     for name in ("flowrl", "grpo"):
         ddp.zero_grad_buffer()
-        stats = forward_backward([ddp], local, AlgorithmConfig(name=name), micro_batch_size=micro_batch_size,
+        stats = forward_backward([ddp], local, AlgorithmConfig(name=name), batching=batching,
                                  vocab_size=arch.vocab_size)
         grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
         result[name] = {"stats": stats, "grads": grads}
     if torch.distributed.get_rank() == 0:
         torch.save(result, out)
+
+
+def log_z_per_sample(model, batch: dict, packed: bool) -> torch.Tensor:
+    """The policy's log Z of every row of ``batch``, all rows in one (packed or padded) micro-batch."""
+    from flowrl_megatron.training.micro_batches import MicroBatching, micro_batches
+
+    (micro,) = micro_batches(batch, MicroBatching(max_tokens=10**6, packed=packed))
+    _, log_z = model(**micro.model_inputs(with_prompt_mask=True))
+    return torch.zeros(len(micro.index)).index_copy(0, micro.index, log_z)

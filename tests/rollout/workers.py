@@ -14,6 +14,7 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
 
     from flowrl_megatron.rollout.client import SamplingConfig
     from flowrl_megatron.rollout.mismatch import logprob_mismatch
+    from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.step import forward_logprobs
 
     box = [None]
@@ -26,12 +27,14 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
     tokens = torch.zeros(len(samples), width, dtype=torch.long)
     rollout = torch.zeros(len(samples), width)
     mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    prompt_mask = torch.zeros_like(mask)
     for i, (p, t, lps, _) in enumerate(samples):
         tokens[i, : len(p) + len(t)] = torch.tensor(p + t)
         rollout[i, len(p) : len(p) + len(t)] = torch.tensor(lps)
         mask[i, len(p) : len(p) + len(t)] = True
-    train = forward_logprobs(model_chunks, {"tokens": tokens}, micro_batch_size=len(samples),
-                             vocab_size=arch.vocab_size)
+        prompt_mask[i, : len(p)] = True
+    train = forward_logprobs(model_chunks, {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": mask},
+                             batching=MicroBatching(len(samples)), vocab_size=arch.vocab_size)
     if not parallel_state.is_pipeline_last_stage():
         return {}
     engines = sorted({e for *_, e in samples})
@@ -50,6 +53,7 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: lis
     from flowrl_megatron.rollout.client import RolloutClient
     from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward
     from tests.algorithms.workers import synthetic_batch
@@ -65,7 +69,7 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: lis
     if train_step:
         optimizer = build_optimizer([ddp], lr=1e-2, clip_grad=0.0)
         batch = {k: v for k, v in synthetic_batch(arch).items() if k != "rewards"}
-        forward_backward([ddp], batch, AlgorithmConfig(), micro_batch_size=8, vocab_size=arch.vocab_size)
+        forward_backward([ddp], batch, AlgorithmConfig(), batching=MicroBatching(8), vocab_size=arch.vocab_size)
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
     engines = EnginesClient(urls, engine_tp, api_key) if dist.get_rank() == 0 else None

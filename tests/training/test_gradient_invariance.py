@@ -1,5 +1,6 @@
-"""One global batch gives the same loss and gradients whatever the TP/PP/DP layout and micro-batching, and with
-full activation recompute."""
+"""One global batch gives the same loss and gradients whatever the TP/PP/DP layout and micro-batching (fixed rows,
+by token budget, packed into THD rows), and with full activation recompute. Packed micro-batches also give the same
+per-token log-probs and per-sample log Z as padded rows."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import torch
 from flowrl_megatron.conversion.convert import hf_to_megatron
 from tests.distributed import run_distributed
 
-# (tp, pp, dp, micro-batch size, full recompute) for a global batch of 8 sequences.
-LAYOUTS = [(1, 1, 1, 8, False), (2, 1, 1, 2, False), (1, 2, 1, 1, False), (1, 1, 2, 2, False), (2, 2, 1, 4, False),
-           (2, 2, 1, 4, True)]
+# (tp, pp, dp, micro-batch size, token budget, packed, attention, full recompute) for a global batch of 8
+# sequences of 5 to 12 tokens (68 in all). The budgets make 2 or 3 micro-batches per rank.
+LAYOUTS = [(1, 1, 1, 8, 0, False, "default", False), (2, 1, 1, 2, 0, False, "default", False),
+           (1, 2, 1, 1, 0, False, "default", False), (1, 1, 2, 2, 0, False, "default", False),
+           (2, 2, 1, 4, 0, False, "default", False), (2, 2, 1, 4, 0, False, "default", True),
+           (1, 1, 1, 8, 0, False, "sdpa", False), (1, 1, 1, 0, 30, True, "sdpa", False),
+           (2, 2, 1, 0, 24, True, "sdpa", False),
+           (1, 1, 2, 0, 40, False, "default", False)]
 TOL = 1e-5
 
 
@@ -20,25 +26,46 @@ def results(tiny_untied, tmp_path_factory):
     root = tmp_path_factory.mktemp("invariance")
     ckpt = hf_to_megatron(tiny_untied, root / "ckpt")
     out = {}
-    for tp, pp, dp, mbs, recompute in LAYOUTS:
-        path = root / f"tp{tp}_pp{pp}_dp{dp}_recompute{recompute}.pt"
+    for layout in LAYOUTS:
+        tp, pp, dp, mbs, budget, packed, attention, recompute = layout
+        path = root / f"{layout_id(layout)}.pt"
         run_distributed("tests.algorithms.workers:policy_gradients", tp * pp * dp, ckpt=str(ckpt), tp=tp, pp=pp,
-                        micro_batch_size=mbs, out=str(path), recompute=recompute)
-        out[(tp, pp, dp, mbs, recompute)] = torch.load(path, weights_only=False)
+                        micro_batch_size=mbs, max_tokens=budget, packed=packed, attention=attention,
+                        recompute=recompute, out=str(path))
+        out[layout] = torch.load(path, weights_only=False)
     return out
+
+
+def layout_id(layout: tuple) -> str:
+    return "tp{}_pp{}_dp{}_mbs{}_tokens{}_packed{}_{}_recompute{}".format(*layout)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("algorithm", ["flowrl", "grpo"])
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda layout: "tp{}_pp{}_dp{}_mbs{}_recompute{}".format(*layout))
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=layout_id)
 def test_same_loss_and_gradients_as_single_process(results, algorithm, layout):
     base, other = results[LAYOUTS[0]][algorithm], results[layout][algorithm]
     assert base["stats"].keys() == other["stats"].keys()
     for k, v in base["stats"].items():
-        assert other["stats"][k] == pytest.approx(v, abs=TOL, rel=TOL), k
+        if k not in ("count/model_tokens", "count/micro_batches"):  # what the layouts differ in
+            assert other["stats"][k] == pytest.approx(v, abs=TOL, rel=TOL), k
     assert base["grads"].keys() == other["grads"].keys()
     z_grad = max(g.abs().max().item() for k, g in base["grads"].items() if k.startswith("z_head."))
     assert (z_grad > 1e-3) if algorithm == "flowrl" else (z_grad == 0.0)  # only FlowRL trains the Z head
     for name, g in base["grads"].items():
         assert (other["grads"][name] - g).abs().max().item() <= TOL, name
     assert max(g.abs().max().item() for g in base["grads"].values()) > 1e-3  # gradients are not trivially zero
+
+
+@pytest.mark.distributed
+def test_packed_log_probs_and_log_z_equal_padded_rows(results):
+    """The same samples, one per padded row or end to end in THD rows (the same SDPA attention): bit-identical
+    log-probs and log Z per sample."""
+    padded, packed = results[LAYOUTS[6]], results[LAYOUTS[7]]
+    mask = packed["logprobs"] != 0
+    assert mask.sum() == 68 - 8  # every token but each sample's first has a log-prob
+    assert torch.equal(packed["logprobs"], padded["logprobs"])
+    assert padded["log_z"].std() > 1e-3  # samples with different prompts get different log Z
+    assert torch.equal(packed["log_z"], padded["log_z"])
+    assert packed["flowrl"]["stats"]["count/model_tokens"] == 68  # no padding
+    assert padded["flowrl"]["stats"]["count/model_tokens"] == 8 * 12  # every row as long as the longest

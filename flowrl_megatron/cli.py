@@ -19,7 +19,8 @@ template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollou
 max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, max_mismatch), algorithm (name, beta,
 importance_weight, clip_eps, weight_cap, reward_normalization, kl_coef), z_head (variant, dropout,
 detach_input, lr_mult, init_seed), train (steps, prompts_per_step, mini_batch_prompts, epochs,
-micro_batch_size, lr, weight_decay, warmup_steps, grad_clip, seed), checkpoint (every, keep), eval
+micro_batch_size or max_tokens_per_micro_batch, pack_sequences, lr, weight_decay, warmup_steps, grad_clip,
+seed, recompute), checkpoint (every, keep), eval
 (every, files, max_prompts, n, temperature, top_p: pass@k, distinct answers and KL to the reference before
 training, every `every` steps and at the end), and run_dir, dp. The whole configuration is checked
 before anything starts; the resolved one is written to RUN_DIR/config.yaml. A run directory with a

@@ -70,7 +70,7 @@ def trainer_lines(cfg: RunConfig, arch: ModelArch, attention: str = "flash") -> 
     adam = (12 if m.dtype == "bfloat16" else 8) / (cfg.dp if t.distributed_optimizer else 1)
     z = z_head_params(arch, cfg)
     seq = cfg.data.max_prompt_tokens + ro.max_response_tokens
-    tokens = seq * t.micro_batch_size
+    tokens = t.max_tokens_per_micro_batch or seq * t.micro_batch_size
     h = arch.hidden_size
     layers = arch.num_layers // pp
     scale = width / 2  # the activation constants are for 16-bit activations
@@ -78,7 +78,8 @@ def trainer_lines(cfg: RunConfig, arch: ModelArch, attention: str = "flash") -> 
     scores = 5 * arch.num_heads * seq / h if attention == "unfused" else 0.0
     working = tokens * h * (10 + 24 / tp + scores / tp) * scale
     stored = layers * (tokens * h * width if t.recompute == "full" else working)
-    micro_batches = t.mini_batch_prompts * ro.n // (cfg.dp * t.micro_batch_size)
+    rows = t.mini_batch_prompts * ro.n // cfg.dp
+    micro_batches = rows if t.max_tokens_per_micro_batch else rows // t.micro_batch_size  # a budget: at worst 1 each
     in_flight = min(pp, micro_batches)
     vocab = arch.padded_vocab_size // tp
     lines = [
@@ -134,7 +135,7 @@ class Plan:
             largest = max(self.trainer, key=lambda line: line.bytes)
             out.append(f"a trainer rank needs {self.trainer_total / GIB:.1f} GiB of a {self.gpu_gib:.0f} GiB GPU "
                        f"(largest: {largest.name}, {largest.bytes / GIB:.1f} GiB); raise model.tp or model.pp, set "
-                       "train.recompute=full, or lower train.micro_batch_size.")
+                       "train.recompute=full, or lower train.micro_batch_size (or max_tokens_per_micro_batch).")
         if self.sequences_per_engine < self.n:
             out.append(f"a rollout engine's KV cache holds {self.sequences_per_engine:.1f} full-length sequences, "
                        f"fewer than one prompt's rollout.n={self.n}; raise rollout.engine_tp or shorten "

@@ -65,6 +65,14 @@ def test_the_32b_recipe_fits_and_a_bad_layout_is_refused():
     assert long.returncode == 1 and "a rollout engine's KV cache holds" in long.stderr
 
 
+def test_the_7b_recipe_fits_with_its_token_budget_and_not_with_four_longest_samples():
+    cfg = load_config(REPO / "recipes" / "qwen2.5_7b_math.yaml", check=False)
+    arch = load_arch(CONFIGS / "qwen2.5-7b")
+    assert not plan(cfg, arch).problems()
+    cfg.train.max_tokens_per_micro_batch = 4 * (2048 + 8192)  # what micro_batch_size=4 used to mean: 111 GiB
+    assert "a trainer rank needs 111.0 GiB" in plan(cfg, arch).problems()[0]
+
+
 def measure_memory(path: str, seq: int, rows: int) -> dict:
     """Resident memory of the trainer's static state (policy, Z head, reference, Adam) and the peak added by one
     forward-backward of ``rows`` sequences of ``seq`` tokens, in this fresh process."""

@@ -41,6 +41,7 @@ rollout: {{engines: 1, n: 4, max_response_tokens: 6, max_mismatch: 1.0e-3}}
 train: {{steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, max_tokens_per_micro_batch: 48, lr: 1.0e-3,
         warmup_steps: 1}}
 checkpoint: {{every: 2, keep: 1}}
+eval: {{every: 2, files: [{data}], max_prompts: 3, n: 4}}
 """)
     return path
 
@@ -78,13 +79,15 @@ def engines_started_after(t0: float) -> list[psutil.Process]:
 def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert start(recipe, whole).wait(timeout=600) == 0
-    assert [r["step"] for r in metrics(whole)] == [1, 2, 3, 4]
-    assert all(r["batching/padding_fraction"] == 0.0 and r["batching/micro_batches"] >= 2 for r in metrics(whole))
+    assert [r["step"] for r in metrics(whole)] == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
+    assert [r["step"] for r in metrics(whole) if "eval/kl_ref" in r] == [0, 2, 4]
+    trained = metrics(whole)[1:]
+    assert all(r["batching/padding_fraction"] == 0.0 and r["batching/micro_batches"] >= 2 for r in trained)
 
     t0 = time.time() - 1
     proc = start(recipe, broken)
     deadline = time.monotonic() + 600
-    while len(metrics(broken)) < 3:  # step 3 done; the last checkpoint is step 2's
+    while len(metrics(broken)) < 4:  # step 3 done; the last checkpoint is step 2's
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
         time.sleep(0.2)
     session = os.getsid(proc.pid)
@@ -122,7 +125,7 @@ def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
     run_dir = tmp_path / "strict"
     t0 = time.time() - 1
     proc = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
-                           "rollout.max_mismatch=1.0e-9"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "rollout.max_mismatch=1.0e-9", "eval.every=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "StaleWeightsError: step 0: rollout log-probs differ from the trainer's" in proc.stdout + proc.stderr
     assert not metrics(run_dir) and not (run_dir / "checkpoints" / "latest").exists()

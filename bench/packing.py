@@ -1,11 +1,12 @@
 """Padding and step time of a FlowRL update: fixed-size padded micro-batches vs token-budget ones vs packed (THD).
 
 One rollout batch with a realistic RL length mix is cut three ways and each way runs the same FlowRL
-forward/backward (SDPA attention for all three, so only the batching differs), alternated and repeated:
+forward/backward (the same attention for all three, so only the batching differs), alternated and repeated:
 
 - fixed:  ``micro_batch_size`` samples per micro-batch in arrival order, each padded to its longest sample
 - budget: as many samples as fit ``--budget`` tokens (rows x longest row), longest first
-- packed: samples end to end in one row up to ``--budget`` tokens, no padding
+- packed: samples end to end in one row up to ``--budget`` tokens, no padding (when the attention takes packed
+  rows: ``--attention sdpa``, or ``default`` with transformer-engine on a GPU)
 
 Lengths: prompts uniform in [--prompt-min, --prompt-max]; responses log-normal (median --response-median,
 sigma --response-sigma) cut at --max-response, which the longest reasoning samples hit, as in RL on math. The
@@ -66,11 +67,13 @@ def main() -> None:
     p.add_argument("--max-response", type=int, default=448)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=["sdpa", "default"], default="sdpa",
+                   help="model.attention (default: transformer-engine where usable, else megatron-core's local)")
     args = p.parse_args()
 
     from flowrl_megatron.algorithms.losses import AlgorithmConfig
     from flowrl_megatron.models.arch import ModelArch
-    from flowrl_megatron.models.gpt import build_gpt_model
+    from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.micro_batches import MicroBatching, micro_batches, padding_fraction
@@ -82,13 +85,15 @@ def main() -> None:
     arch = ModelArch("Qwen2ForCausalLM", vocab_size=4096, hidden_size=256, ffn_hidden_size=1024, num_layers=4,
                      num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
                      tie_embeddings=False, max_position_embeddings=longest)
-    ddp = wrap_ddp(build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True, attention="sdpa"))
+    ddp = wrap_ddp(build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True,
+                                   attention=args.attention))
     lengths = rl_lengths(args)
     batch = rollout_batch(lengths, arch.vocab_size)
     budget = args.budget or args.micro_batch_size * longest
     ways = {"fixed": MicroBatching(micro_batch_size=args.micro_batch_size),
-            "budget": MicroBatching(max_tokens=budget),
-            "packed": MicroBatching(max_tokens=budget, packed=True)}
+            "budget": MicroBatching(max_tokens=budget)}
+    if takes_packed_sequences(args.attention):
+        ways["packed"] = MicroBatching(max_tokens=budget, packed=True)
     responses = sorted(r for _, r in lengths)
     print(f"{args.samples} samples, {sum(p + r for p, r in lengths)} tokens; response median "
           f"{statistics.median(responses):.0f}, max {responses[-1]} ({sum(r == args.max_response for r in responses)} "

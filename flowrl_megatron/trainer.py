@@ -120,11 +120,11 @@ def build_batch(prompts: list, groups: list, rewards: list[float]) -> dict[str, 
     }
 
 
-def local_rows(full: dict[str, torch.Tensor], cfg: RunConfig, batching: MicroBatching) -> list[torch.Tensor]:
-    """This data-parallel rank's rows of each mini-batch (equal token loads with a token budget)."""
+def local_rows(full: dict[str, torch.Tensor], cfg: RunConfig, batching: MicroBatching,
+               dp_rank: int) -> list[torch.Tensor]:
+    """Data-parallel rank ``dp_rank``'s rows of each mini-batch (equal token loads with a token budget)."""
     rows = cfg.train.mini_batch_prompts * cfg.rollout.n
     lengths = sample_lengths(full)
-    dp_rank = parallel_state.get_data_parallel_rank()
     out = []
     for start in range(0, len(lengths), rows):
         mine = data_parallel_split(lengths[start : start + rows], cfg.dp, batching)[dp_rank]
@@ -299,7 +299,7 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         full, info = box[0]
         full["advantages"] = normalize_rewards(algo, full["rewards"], full["group_ids"])
-        minis = local_rows(full, cfg, self.batching)
+        minis = local_rows(full, cfg, self.batching, parallel_state.get_data_parallel_rank())
         local = trimmed(full, torch.cat(minis))
         ends = torch.tensor([len(m) for m in minis]).cumsum(0).tolist()
         kw = dict(batching=self.batching, vocab_size=self.arch.vocab_size, temperature=cfg.rollout.temperature)

@@ -2,7 +2,8 @@
 
 Measured in one run, per attention backend (megatron-core's default and ``model.attention=sdpa``):
 - the bf16 matrix-multiply rate of this GPU (8192^3 matmuls), the reference for MFU;
-- a FlowRL update (reference and old log-probs given, Z head, trajectory-balance loss, optimizer step): tokens/s
+- a FlowRL update (reference and old log-probs given, Z head, trajectory-balance loss, step of megatron-core's
+  distributed optimizer, or the plain one with --no-distributed-optimizer): tokens/s
   and MFU = model FLOPs per second / the measured matmul rate;
 - a plain next-token cross-entropy update on the same tokens (GPTModel's own loss): tokens/s, and the
   FlowRL / plain time ratio (target <= 1.10);
@@ -101,8 +102,8 @@ def measure(attention: str, args, peak_tflops: float) -> dict:
     policy = build_gpt_model(arch, dtype, z_head=ZHeadConfig(), calculate_per_token_loss=True,
                              recompute=args.recompute, attention=attention)
     reference = build_gpt_model(arch, dtype, calculate_per_token_loss=True, attention=attention)
-    ddp = wrap_ddp(policy)
-    optimizer = build_optimizer([ddp], lr=1e-6, bf16=bf16)
+    ddp = wrap_ddp(policy, use_distributed_optimizer=args.distributed_optimizer)
+    optimizer = build_optimizer([ddp], lr=1e-6, bf16=bf16, use_distributed_optimizer=args.distributed_optimizer)
     b, s = args.micro_batch, args.seq_len
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device())
@@ -165,6 +166,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--attention", nargs="+", default=["default", "sdpa"])
     p.add_argument("--recompute", action="store_true", help="full activation recompute")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="megatron-core's distributed optimizer (fp32 main weights beside bf16 ones)")
     p.add_argument("--small", action="store_true", help="a toy size for a CPU smoke run")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -179,6 +182,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
               "torch": torch.__version__, "megatron_core": megatron.core.__version__,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "recompute": args.recompute,
+              "distributed_optimizer": args.distributed_optimizer,
               "matmul_tflops": peak, "results": [measure_fresh(a, args, peak) for a in args.attention]}
     print(json.dumps(report, indent=1))
     if args.json:

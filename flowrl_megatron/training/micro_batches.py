@@ -90,7 +90,7 @@ class MicroBatch:
     """The samples of one forward/backward: as padded rows for the loss, as the model's input (maybe packed)."""
 
     rows: dict[str, torch.Tensor]  # [n, L] per token (L = longest sample here) or [n] per sample
-    lengths: torch.Tensor  # [n] tokens per sample
+    lengths: torch.Tensor  # [n] tokens per sample, on the CPU (index arithmetic there: no device syncs)
     index: torch.Tensor  # [n] the samples' rows in the batch they were cut from
     packed: bool
 
@@ -100,22 +100,26 @@ class MicroBatch:
         n, width = self.rows["tokens"].shape
         return int(self.lengths.sum()) if self.packed else n * width
 
+    @property
+    def device(self) -> torch.device:
+        return self.rows["tokens"].device
+
     def _flat_index(self) -> torch.Tensor:
         """Where each packed token sits in the rows [n, L], flattened."""
         return self.sample_ids()[0] * self.rows["tokens"].shape[1] + self.positions()[0]
 
     def sample_ids(self) -> torch.Tensor:
         """[1, T]: which sample each packed token belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)[None]
+        return torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)[None].to(self.device)
 
     def positions(self) -> torch.Tensor:
         """Token positions within each sample: [1, T] packed, [n, L] padded."""
-        dev = self.lengths.device
         if not self.packed:
             n, width = self.rows["tokens"].shape
-            return torch.arange(width, device=dev).expand(n, width)
+            return torch.arange(width, device=self.device).expand(n, width)
         starts = torch.cumsum(self.lengths, 0) - self.lengths
-        return (torch.arange(int(self.lengths.sum()), device=dev) - torch.repeat_interleave(starts, self.lengths))[None]
+        within = torch.arange(int(self.lengths.sum())) - torch.repeat_interleave(starts, self.lengths)
+        return within[None].to(self.device)
 
     def pack(self, per_token: torch.Tensor) -> torch.Tensor:
         """[n, L] rows -> the model's layout ([1, T] packed; unchanged padded)."""
@@ -137,14 +141,15 @@ class MicroBatch:
         """Keyword arguments of the model's forward pass for these samples."""
         inputs = {"input_ids": self.pack(self.rows["tokens"]), "position_ids": self.positions()}
         if self.packed:
-            cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32, device=self.lengths.device)
+            cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(self.lengths, 0)
+            cu = cu.to(self.device)
             longest = int(self.lengths.max())
             inputs["attention_mask"] = None
             inputs["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                                           max_seqlen_q=longest, max_seqlen_kv=longest)
         else:
-            inputs["attention_mask"] = causal_attention_mask(self.rows["tokens"].shape[1], self.lengths.device)
+            inputs["attention_mask"] = causal_attention_mask(self.rows["tokens"].shape[1], self.device)
         if with_prompt_mask:
             inputs["prompt_mask"] = self.pack(self.rows["prompt_mask"])
             if self.packed:
@@ -161,8 +166,7 @@ def micro_batches(batch: dict[str, torch.Tensor], batching: MicroBatching) -> li
         index = torch.tensor(members)
         width = max(lengths[i] for i in members)
         rows = {k: (v[index, :width] if v.dim() == 2 else v[index]).to(device()) for k, v in batch.items()}
-        out.append(MicroBatch(rows, torch.tensor([lengths[i] for i in members], device=device()), index,
-                              batching.packed))
+        out.append(MicroBatch(rows, torch.tensor([lengths[i] for i in members]), index, batching.packed))
     return out
 
 

@@ -83,27 +83,35 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
     }
 
 
-def policy_gradients(ckpt: str, tp: int, pp: int, out: str, micro_batch_size: int = 8, max_tokens: int = 0,
-                     packed: bool = False, attention: str = "default", recompute: bool = False) -> None:
-    """Loss stats and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO; on one rank also
-    the per-token log-probs and each sample's log Z."""
+def policy_gradients(ckpt: str, tp: int, pp: int, variants: list[dict], out: str) -> None:
+    """For each variant (``micro_batch_size``, ``max_tokens``, ``packed``, ``attention``, ``recompute``): loss stats
+    and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO; on one rank also the per-token
+    log-probs and each sample's log Z. One process per rank serves every variant of a TP x PP x DP layout."""
     from pathlib import Path
 
+    from flowrl_megatron.models.arch import load_arch
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    arch = load_arch(Path(ckpt) / "hf")
+    results = [_variant_gradients(ckpt, arch, **variant) for variant in variants]
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+
+
+def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, packed: bool, attention: str,
+                       recompute: bool) -> dict:
     from megatron.core import parallel_state
 
     from flowrl_megatron.algorithms.losses import AlgorithmConfig
     from flowrl_megatron.checkpoint import load_model_weights
     from flowrl_megatron.conversion.gather import gather_hf_state
-    from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
-    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split, sample_lengths
     from flowrl_megatron.training.parallel import wrap_ddp
     from flowrl_megatron.training.step import forward_backward, forward_logprobs
 
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
-    arch = load_arch(Path(ckpt) / "hf")
     model = build_gpt_model(arch, z_head=ZHeadConfig(), calculate_per_token_loss=True, recompute=recompute,
                             attention=attention)
     load_model_weights(model, ckpt, new_prefixes=("z_head.",))
@@ -124,8 +132,7 @@ def policy_gradients(ckpt: str, tp: int, pp: int, out: str, micro_batch_size: in
                                  vocab_size=arch.vocab_size)
         grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
         result[name] = {"stats": stats, "grads": grads}
-    if torch.distributed.get_rank() == 0:
-        torch.save(result, out)
+    return result
 
 
 def log_z_per_sample(model, batch: dict, packed: bool) -> torch.Tensor:

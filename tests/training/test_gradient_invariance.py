@@ -23,16 +23,18 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def results(tiny_untied, tmp_path_factory):
+    """Every layout's results; one torchrun per TP x PP x DP, whose processes run all of its variants."""
     root = tmp_path_factory.mktemp("invariance")
     ckpt = hf_to_megatron(tiny_untied, root / "ckpt")
     out = {}
-    for layout in LAYOUTS:
-        tp, pp, dp, mbs, budget, packed, attention, recompute = layout
-        path = root / f"{layout_id(layout)}.pt"
+    for tp, pp, dp in dict.fromkeys(layout[:3] for layout in LAYOUTS):
+        mine = [layout for layout in LAYOUTS if layout[:3] == (tp, pp, dp)]
+        path = root / f"tp{tp}_pp{pp}_dp{dp}.pt"
+        variants = [dict(zip(("micro_batch_size", "max_tokens", "packed", "attention", "recompute"), layout[3:],
+                             strict=True)) for layout in mine]
         run_distributed("tests.algorithms.workers:policy_gradients", tp * pp * dp, ckpt=str(ckpt), tp=tp, pp=pp,
-                        micro_batch_size=mbs, max_tokens=budget, packed=packed, attention=attention,
-                        recompute=recompute, out=str(path))
-        out[layout] = torch.load(path, weights_only=False)
+                        variants=variants, out=str(path))
+        out.update(zip(mine, torch.load(path, weights_only=False), strict=True))
     return out
 
 

@@ -14,6 +14,7 @@ weight sync to the engines -> evaluation every ``eval.every`` steps -> metrics -
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -301,7 +302,7 @@ class Trainer:
         full["advantages"] = normalize_rewards(algo, full["rewards"], full["group_ids"])
         minis = local_rows(full, cfg, self.batching, parallel_state.get_data_parallel_rank())
         local = trimmed(full, torch.cat(minis))
-        ends = torch.tensor([len(m) for m in minis]).cumsum(0).tolist()
+        starts = [0, *itertools.accumulate(len(m) for m in minis)]
         kw = dict(batching=self.batching, vocab_size=self.arch.vocab_size, temperature=cfg.rollout.temperature)
         with timer("logprobs"):
             if self.reference is not None:
@@ -318,7 +319,7 @@ class Trainer:
         with timer("update"):
             for epoch in range(t.epochs):
                 for k in range(self.minis):
-                    rows = slice(ends[k] - len(minis[k]), ends[k])
+                    rows = slice(starts[k], starts[k + 1])
                     first = epoch == 0 and k == 0
                     mb = trimmed({key: local[key] for key in keys + ["rollout_logprobs"] * first if key in local},
                                  rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -87,7 +88,10 @@ def plan(lengths: Sequence[int], batching: MicroBatching) -> list[list[int]]:
 
 @dataclass
 class MicroBatch:
-    """The samples of one forward/backward: as padded rows for the loss, as the model's input (maybe packed)."""
+    """The samples of one forward/backward: as padded rows for the loss, as the model's input (maybe packed).
+
+    The index tensors derived from ``lengths`` are computed once and kept: every pass uses them several times.
+    """
 
     rows: dict[str, torch.Tensor]  # [n, L] per token (L = longest sample here) or [n] per sample
     lengths: torch.Tensor  # [n] tokens per sample, on the CPU (index arithmetic there: no device syncs)
@@ -104,14 +108,17 @@ class MicroBatch:
     def device(self) -> torch.device:
         return self.rows["tokens"].device
 
+    @cached_property
     def _flat_index(self) -> torch.Tensor:
         """Where each packed token sits in the rows [n, L], flattened."""
-        return self.sample_ids()[0] * self.rows["tokens"].shape[1] + self.positions()[0]
+        return self.sample_ids[0] * self.rows["tokens"].shape[1] + self.positions[0]
 
+    @cached_property
     def sample_ids(self) -> torch.Tensor:
         """[1, T]: which sample each packed token belongs to."""
         return torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)[None].to(self.device)
 
+    @cached_property
     def positions(self) -> torch.Tensor:
         """Token positions within each sample: [1, T] packed, [n, L] padded."""
         if not self.packed:
@@ -123,7 +130,7 @@ class MicroBatch:
 
     def pack(self, per_token: torch.Tensor) -> torch.Tensor:
         """[n, L] rows -> the model's layout ([1, T] packed; unchanged padded)."""
-        return per_token.reshape(-1)[self._flat_index()][None] if self.packed else per_token
+        return per_token.reshape(-1)[self._flat_index][None] if self.packed else per_token
 
     def to_rows(self, token_aligned: torch.Tensor) -> torch.Tensor:
         """Token-aligned values (position t: log p(token_t | < t)) in the model's layout -> [n, L] rows.
@@ -133,13 +140,13 @@ class MicroBatch:
         """
         if not self.packed:
             return token_aligned
-        values = token_aligned[0].masked_fill(self.positions()[0] == 0, 0.0)
+        values = token_aligned[0].masked_fill(self.positions[0] == 0, 0.0)
         n, width = self.rows["tokens"].shape
-        return values.new_zeros(n * width).index_copy(0, self._flat_index(), values).view(n, width)
+        return values.new_zeros(n * width).index_copy(0, self._flat_index, values).view(n, width)
 
     def model_inputs(self, with_prompt_mask: bool) -> dict:
         """Keyword arguments of the model's forward pass for these samples."""
-        inputs = {"input_ids": self.pack(self.rows["tokens"]), "position_ids": self.positions()}
+        inputs = {"input_ids": self.pack(self.rows["tokens"]), "position_ids": self.positions}
         if self.packed:
             cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(self.lengths, 0)
@@ -153,7 +160,7 @@ class MicroBatch:
         if with_prompt_mask:
             inputs["prompt_mask"] = self.pack(self.rows["prompt_mask"])
             if self.packed:
-                inputs["sample_ids"] = self.sample_ids()
+                inputs["sample_ids"] = self.sample_ids
         return inputs
 
 

@@ -91,6 +91,7 @@ def step_times(repeats: int, seq_len: int, batch: int) -> dict[str, list[float]]
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import wrap_ddp
     from flowrl_megatron.training.step import forward_backward
@@ -109,11 +110,11 @@ def step_times(repeats: int, seq_len: int, batch: int) -> dict[str, list[float]]
     prompt = seq_len // 4
     prompt_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
     prompt_mask[:, :prompt] = True
-    batch_dict = {
-        "tokens": tokens, "prompt_mask": prompt_mask, "response_mask": ~prompt_mask,
-        "old_logprobs": torch.full((batch, seq_len), -9.7), "ref_logprobs": torch.full((batch, seq_len), -9.7),
-        "advantages": torch.randn(batch, generator=g),
-    }
+    batch_dict = Batch(
+        tokens=tokens, prompt_mask=prompt_mask, response_mask=~prompt_mask,
+        old_logprobs=torch.full((batch, seq_len), -9.7), ref_logprobs=torch.full((batch, seq_len), -9.7),
+        advantages=torch.randn(batch, generator=g),
+    )
     labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
     loss_mask = (~prompt_mask).float()
 

@@ -38,7 +38,9 @@ def rl_lengths(args) -> list[tuple[int, int]]:
             for _ in range(args.samples)]
 
 
-def rollout_batch(lengths: list[tuple[int, int]], vocab: int) -> dict[str, torch.Tensor]:
+def rollout_batch(lengths: list[tuple[int, int]], vocab: int):
+    from flowrl_megatron.training.batch import Batch
+
     width = max(p + r for p, r in lengths)
     g = torch.Generator().manual_seed(0)
     n = len(lengths)
@@ -49,9 +51,9 @@ def rollout_batch(lengths: list[tuple[int, int]], vocab: int) -> dict[str, torch
         tokens[i, : p + r] = torch.randint(1, vocab, (p + r,), generator=g)
         prompt_mask[i, :p] = True
         response_mask[i, p : p + r] = True
-    return {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": response_mask,
-            "old_logprobs": torch.full((n, width), -8.0), "ref_logprobs": torch.full((n, width), -8.0),
-            "advantages": torch.randn(n, generator=g)}
+    return Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask,
+                 old_logprobs=torch.full((n, width), -8.0), ref_logprobs=torch.full((n, width), -8.0),
+                 advantages=torch.randn(n, generator=g))
 
 
 def main() -> None:

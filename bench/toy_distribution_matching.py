@@ -63,16 +63,17 @@ def all_responses() -> torch.Tensor:
     return torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
 
 
-def sequence_batch(responses: torch.Tensor, old=None, ref=None, advantages=None) -> dict[str, torch.Tensor]:
+def sequence_batch(responses: torch.Tensor, old=None, ref=None, advantages=None):
+    from flowrl_megatron.training.batch import Batch
+
     n = responses.shape[0]
     tokens = torch.cat([torch.tensor(PROMPT).expand(n, -1), responses], dim=1)
     prompt_mask = torch.zeros_like(tokens, dtype=torch.bool)
     prompt_mask[:, : len(PROMPT)] = True
-    batch = {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": ~prompt_mask}
     zeros = torch.zeros(tokens.shape)
-    batch.update(old_logprobs=zeros if old is None else old, ref_logprobs=zeros if ref is None else ref,
+    return Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=~prompt_mask,
+                 old_logprobs=zeros if old is None else old, ref_logprobs=zeros if ref is None else ref,
                  advantages=torch.zeros(n) if advantages is None else advantages)
-    return batch
 
 
 def reference_target(rewards: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class Toy:
         optimizer = build_optimizer([ddp], lr=lr, weight_decay=0.0, clip_grad=0.0)
         q = reference_target(self.rewards).float()
         batch = sequence_batch(self.responses)
-        tokens, n = batch["tokens"], batch["tokens"].shape[1]
+        tokens, n = batch.tokens, batch.tokens.shape[1]
 
         def step(data_iterator, m):
             ids = next(data_iterator)

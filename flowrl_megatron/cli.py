@@ -40,10 +40,23 @@ and OUT/*/plots/.
 """
 
 
+def describe(batching) -> str:
+    """A ``training.micro_batches.MicroBatching``, as the trainer prints it at start."""
+    layout = "packed (THD)" if batching.packed else "padded"
+    if batching.dynamic:
+        return f"{layout}, up to {batching.max_tokens} tokens each"
+    return f"{layout}, {batching.micro_batch_size} samples each"
+
+
+def format_eval(step: int, values: dict[str, float]) -> str:
+    """The evaluation metrics of one step as one line."""
+    shown = {k.removeprefix("eval/"): v for k, v in values.items() if k.startswith("eval/")}
+    return f"eval after step {step}: " + "  ".join(f"{k} {v:.3g}" for k, v in shown.items())
+
+
 def train(args: argparse.Namespace) -> int:
-    from flowrl_megatron.config import load_config
+    from flowrl_megatron.config import load_config, write_run_config
     from flowrl_megatron.runtime.distributed import free_port
-    from flowrl_megatron.trainer import write_run_config
 
     overrides = list(args.overrides)
     if args.world_size:  # the data-parallel size that fills a launcher's ranks

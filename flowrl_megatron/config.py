@@ -66,7 +66,16 @@ class RolloutConfig:
     # engine; the API key comes from the FLOWRL_API_KEY environment variable.
     engine_urls: list[str] = field(default_factory=list)
     sync_address: str = "127.0.0.1"  # where engines reach trainer rank 0 for weight sync (its node, multi-node)
-    max_mismatch: float = 0.05  # stop when the mean |train - rollout| log-prob of sampled tokens exceeds this
+    # Stop when the mean |train - rollout| log-prob of sampled tokens exceeds this (asynchronous runs: also of the
+    # probe prompts every engine scores after each weight update).
+    max_mismatch: float = 0.05
+    # 0: synchronous, on-policy (the engines wait while the trainer trains). k >= 1: the engines keep generating
+    # while the trainer trains, at most k weight versions ahead; samples are trained at most k versions after the
+    # one that sampled their first token, with the engines' log-probs as the importance weights' denominator.
+    max_staleness: int = 0
+    # Asynchronous runs: how weights reach engines with requests in flight. keep: pause them, update, continue
+    # them with the new weights (caches recomputed); drain: wait until they finish, then update.
+    weight_update: Literal["keep", "drain"] = "keep"
 
 
 @dataclass
@@ -299,6 +308,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("train.distributed_optimizer=true is not supported yet: its megatron-core 0.16.1 checkpoints "
                         "do not resume exactly; leave it false (Adam state then lives on every data-parallel rank).")
     ev = cfg.eval
+    if ro.max_staleness < 0:
+        raise UserError(f"rollout.max_staleness must be >= 0 (0: synchronous), got {ro.max_staleness}.")
+    if cfg.algorithm.importance_weight == "mask" and not 0 < cfg.algorithm.mask_eps < 1:
+        raise UserError(f"algorithm.mask_eps must be in (0, 1), got {cfg.algorithm.mask_eps}.")
     if ev.every < 0 or ev.max_prompts < 0 or ev.n < 1:
         raise UserError("eval.every and eval.max_prompts must be >= 0 and eval.n >= 1.")
     if ev.every and not ev.files:
@@ -315,3 +328,10 @@ def validate(cfg: RunConfig) -> None:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def write_run_config(cfg: RunConfig) -> Path:
+    """The resolved config, saved in the run directory: what torchrun's ranks load, and the run's record."""
+    from flowrl_megatron.files import write_text_atomic
+
+    return write_text_atomic(Path(cfg.run_dir) / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,9 +1,11 @@
-"""Run metrics: per-phase timers, a JSONL file and tensorboard scalars, PNG curves (``flowrl plot RUN_DIR``)."""
+"""Run metrics: per-phase timers, a timeline of every role's phases, a JSONL file and tensorboard scalars, PNG
+curves and the timeline's Gantt chart (``flowrl plot RUN_DIR``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -14,20 +16,50 @@ from flowrl_megatron.files import write_text_atomic
 PHASES = ("rollout", "rewards", "logprobs", "update", "sync", "eval", "checkpoint")
 
 
-class PhaseTimer:
-    """Wall-clock seconds per phase of a step; what no phase covers is the framework's own "other"."""
+class Timeline:
+    """What each role (engines, rewards, trainer) did when: intervals in wall-clock seconds, added from any
+    thread, drained by the driver into ``RUN_DIR/timeline.jsonl`` once per step."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[dict] = []
+
+    def add(self, role: str, phase: str, start: float, end: float) -> None:
+        with self._lock:
+            self._events.append({"role": role, "phase": phase, "start": start, "end": end})
+
+    @contextlib.contextmanager
+    def span(self, role: str, phase: str) -> Iterator[None]:
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.add(role, phase, start, time.time())
+
+    def drain(self) -> list[dict]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a step; what no phase covers is the framework's own "other". With a
+    ``timeline``, each phase is also an interval of the trainer's role there."""
+
+    def __init__(self, timeline: Timeline | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._start = time.perf_counter()
+        self.timeline = timeline
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - start
+            if self.timeline is not None:
+                self.timeline.add("trainer", phase, wall, time.time())
 
     def breakdown(self) -> dict[str, float]:
         total = time.perf_counter() - self._start
@@ -43,25 +75,38 @@ def format_breakdown(seconds: dict[str, float]) -> str:
     return "step-time breakdown:\n" + "\n".join(rows) + f"\n  {'total':<10} {seconds['total']:9.1f} s"
 
 
+class StepLog:
+    """A JSONL file of one record per step (or several): a resumed run redoes the steps after its checkpoint, so
+    their old records are dropped first (atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+
+    def append(self, step: int, *records: dict) -> None:
+        with self.path.open("a") as f:
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in records)
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one object per step) and tensorboard scalars under ``tensorboard/``."""
 
     def __init__(self, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = run_dir / "metrics.jsonl"
+        self.jsonl = StepLog(run_dir / "metrics.jsonl")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: drop their old lines (atomically)."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+        self.jsonl.truncate_after(step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.append(step, values)
         for key, value in values.items():
             self.tb.add_scalar(key, value, step)
         self.tb.flush()

@@ -37,8 +37,7 @@ def local_job(recipe: str, overrides: list[str]):
     """The recipe's run on this machine: (task, LocalExecutor with torchrun, run_dir)."""
     import nemo_run as run
 
-    from flowrl_megatron.config import load_config
-    from flowrl_megatron.trainer import write_run_config
+    from flowrl_megatron.config import load_config, write_run_config
 
     cfg = load_config(recipe, overrides)
     config = write_run_config(cfg)

@@ -82,15 +82,16 @@ def measure_memory(path: str, seq: int, rows: int) -> dict:
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+    from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward
 
-    def batch(n: int, s: int) -> dict:
+    def batch(n: int, s: int) -> Batch:
         mask = torch.zeros(n, s, dtype=torch.bool)
         prompt = mask.clone().index_fill_(1, torch.arange(4), True)
-        return {"tokens": torch.randint(0, 1000, (n, s)), "prompt_mask": prompt,
-                "response_mask": mask.index_fill_(1, torch.arange(4, s), True), "advantages": torch.randn(n)}
+        return Batch(tokens=torch.randint(0, 1000, (n, s)), prompt_mask=prompt,
+                     response_mask=mask.index_fill_(1, torch.arange(4, s), True), advantages=torch.randn(n))
 
     init_model_parallel(ParallelLayout())
     arch = load_arch(path)

@@ -16,10 +16,9 @@ import psutil
 import pytest
 import torch
 
-from flowrl_megatron.config import load_config
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
 from flowrl_megatron.metrics import read_metrics
-from flowrl_megatron.trainer import local_rows
+from flowrl_megatron.training.batch import Batch, local_rows
 from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
 
@@ -140,17 +139,16 @@ def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
 
 def test_data_parallel_ranks_share_every_mini_batch():
     """Each mini-batch's rows go to the DP ranks once each: in equal contiguous shares, or by equal token loads."""
-    cfg = load_config(None, ["dp=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2", "rollout.n=4"],
-                      check=False)
     lengths = torch.tensor([30, 5, 9, 7, 12, 3, 8, 6] + [10] * 8)
     position = torch.arange(30).expand(16, 30)
-    full = {"prompt_mask": position < 2, "response_mask": (position >= 2) & (position < lengths[:, None])}
+    full = Batch(tokens=torch.zeros(16, 30, dtype=torch.long), prompt_mask=position < 2,
+                 response_mask=(position >= 2) & (position < lengths[:, None]))
     for batching in (MicroBatching(micro_batch_size=2), MicroBatching(max_tokens=64)):
-        ranks = [local_rows(full, cfg, batching, r) for r in range(2)]
+        ranks = [local_rows(full, 8, 2, batching, r) for r in range(2)]
         for k in range(2):  # two mini-batches of 8 rows
             assert sorted(ranks[0][k].tolist() + ranks[1][k].tolist()) == list(range(8 * k, 8 * k + 8))
-    contiguous = [local_rows(full, cfg, MicroBatching(micro_batch_size=2), r)[0] for r in range(2)]
+    contiguous = [local_rows(full, 8, 2, MicroBatching(micro_batch_size=2), r)[0] for r in range(2)]
     assert [c.tolist() for c in contiguous] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    balanced = [local_rows(full, cfg, MicroBatching(max_tokens=64), r)[0] for r in range(2)]
+    balanced = [local_rows(full, 8, 2, MicroBatching(max_tokens=64), r)[0] for r in range(2)]
     gap = abs(int(lengths[balanced[0]].sum() - lengths[balanced[1]].sum()))
     assert gap <= 2 < abs(int(lengths[contiguous[0]].sum() - lengths[contiguous[1]].sum()))  # 2 tokens, not 22

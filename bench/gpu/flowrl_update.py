@@ -92,6 +92,7 @@ def measure(attention: str, args, peak_tflops: float) -> dict:
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
     from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import device
+    from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.parallel import build_optimizer, wrap_ddp
     from flowrl_megatron.training.step import forward_backward, forward_logprobs
@@ -109,11 +110,11 @@ def measure(attention: str, args, peak_tflops: float) -> dict:
     tokens = torch.randint(0, arch.vocab_size, (b, s), generator=g).to(device())
     prompt_mask = torch.zeros(b, s, dtype=torch.bool, device=device())
     prompt_mask[:, : s // 8] = True
-    batch = {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": ~prompt_mask,
-             "advantages": torch.randn(b, generator=g).to(device())}
+    batch = Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=~prompt_mask,
+                  advantages=torch.randn(b, generator=g).to(device()))
     kw = dict(batching=MicroBatching(b), vocab_size=arch.vocab_size)
-    batch["ref_logprobs"] = forward_logprobs([reference], batch, **kw)
-    batch["old_logprobs"] = batch["ref_logprobs"].clone()
+    batch.ref_logprobs = forward_logprobs([reference], batch, **kw)
+    batch.old_logprobs = batch.ref_logprobs.clone()
     labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
     loss_mask = (~prompt_mask).float()
 

@@ -8,7 +8,15 @@ data-parallel ranks before dividing: the gradient is the same for any micro-batc
 micro-batch count or DP size.
 
 Stats keys say how they aggregate: ``seq/`` (mean over sequences), ``tok/`` (mean over
-response tokens), ``max/`` (maximum); values are sums (or maxima) over the micro-batch.
+response tokens), ``max/`` (maximum), ``grp/`` (a sum per prompt group); values are sums (or
+maxima) over the micro-batch.
+
+Importance weights compare the current policy with ``old_logprobs``: the policy that sampled (the
+engines' log-probs when samples come from older weights, see docs/algorithms.md). FlowRL's weighted
+squared residual has no trust region of its own, so besides clipping or capping the weight a
+sequence can be masked: dropped from the loss when its per-token geometric-mean ratio
+``exp(mean_t log pi/pi_old)`` leaves ``[1 - mask_eps, 1 + mask_eps]`` (for the clipped surrogate,
+on top of PPO's clip).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
 
 Algorithm = Literal["flowrl", "grpo", "reinforce_pp"]
-ImportanceWeight = Literal["clip", "cap", "none"]
+ImportanceWeight = Literal["clip", "cap", "none", "mask"]
 RewardNormalization = Literal["group", "batch", "none"]
 
 
@@ -29,9 +37,12 @@ RewardNormalization = Literal["group", "batch", "none"]
 class AlgorithmConfig:
     name: Algorithm = "flowrl"
     beta: float = 15.0  # FlowRL reward temperature (paper's best; the authors' code hard-codes 15)
-    importance_weight: ImportanceWeight = "clip"  # paper: clip; authors' current code: cap; at publication: none
+    # paper: clip; authors' current code: cap; at publication: none; mask: clip, and sequences whose per-token
+    # geometric-mean ratio leaves [1 - mask_eps, 1 + mask_eps] get weight 0 (also GRPO / REINFORCE++)
+    importance_weight: ImportanceWeight = "clip"
     clip_eps: float = 0.2
     weight_cap: float = 10.0
+    mask_eps: float = 0.1
     # None = the algorithm's own: group for FlowRL and GRPO, batch for REINFORCE++.
     reward_normalization: RewardNormalization | None = None
     kl_coef: float = 0.0  # GRPO / REINFORCE++ only: k3 KL-to-reference penalty per token
@@ -58,6 +69,8 @@ class LossInputs:
     response_mask: torch.Tensor  # [b, s] bool: response tokens
     advantages: torch.Tensor  # [b] normalised rewards (r_hat)
     log_z: torch.Tensor | None = None  # [b] FlowRL partition function of each prompt
+    group_ids: torch.Tensor | None = None  # [b] prompt group in range(groups): per-group stats when given
+    groups: int = 0
 
 
 def normalize_rewards(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -73,16 +86,34 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1)
 
 
+def sequence_mask(cfg: AlgorithmConfig, log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b] float: 1 where the sequence stays in the loss, 0 where ``importance_weight="mask"`` drops it (its
+    per-token geometric-mean ratio ``pi/pi_old`` leaves ``[1 - mask_eps, 1 + mask_eps]``)."""
+    if cfg.importance_weight != "mask":
+        return torch.ones(log_ratio.shape[0], device=log_ratio.device)
+    geo = (_masked_sum(log_ratio.detach(), mask) / mask.sum(-1).clamp(min=1)).exp()
+    return ((geo >= 1 - cfg.mask_eps) & (geo <= 1 + cfg.mask_eps)).float()
+
+
 def importance_weight(cfg: AlgorithmConfig, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence-level ``pi/pi_old`` (detached), transformed per the variant; also whether it was clipped."""
     w = log_w.detach().exp()
-    if cfg.importance_weight == "clip":
+    if cfg.importance_weight in ("clip", "mask"):
         used = w.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
     elif cfg.importance_weight == "cap":
         used = w.clamp(max=cfg.weight_cap)
     else:
         used = w
     return used, used != w
+
+
+def _group_stats(x: LossInputs, residual: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each prompt group's residual sum and size: log Z's gap to the value that zeroes the group's mean residual."""
+    if x.group_ids is None:
+        return {}
+    zeros = residual.new_zeros(x.groups)
+    return {"grp/residual": zeros.index_add(0, x.group_ids, residual.detach()),
+            "grp/count": zeros.index_add(0, x.group_ids, torch.ones_like(residual))}
 
 
 def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -94,7 +125,10 @@ def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
     mean_logp = _masked_sum(x.logprobs, mask) / n_tok
     mean_ref = _masked_sum(x.ref_logprobs, mask) / n_tok
     residual = x.log_z + mean_logp - cfg.beta * x.advantages - mean_ref
-    w, clipped = importance_weight(cfg, _masked_sum(x.logprobs - x.old_logprobs, mask))
+    log_ratio = x.logprobs - x.old_logprobs
+    w, clipped = importance_weight(cfg, _masked_sum(log_ratio, mask))
+    kept = sequence_mask(cfg, log_ratio, mask)
+    w = w * kept
     per_seq = w * residual.pow(2)
     stats = {
         "seq/loss": per_seq.detach().sum(),
@@ -107,7 +141,10 @@ def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
         "seq/policy_logprob": mean_logp.detach().sum(),
         "seq/ref_logprob": mean_ref.detach().sum(),
         "tok/entropy": _masked_sum(x.entropy.detach(), mask).sum(),
+        **_group_stats(x, residual),
     }
+    if cfg.importance_weight == "mask":
+        stats["seq/mask_fraction"] = (1 - kept).sum()
     return per_seq.sum(), torch.tensor(per_seq.numel(), dtype=torch.int), stats
 
 
@@ -120,8 +157,11 @@ def clipped_surrogate_loss(
     ratio = log_ratio.exp()
     adv = x.advantages.unsqueeze(-1)
     clipped_ratio = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
-    per_tok = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    kept = sequence_mask(cfg, log_ratio, mask)
+    per_tok = -torch.minimum(ratio * adv, clipped_ratio * adv) * kept.unsqueeze(-1)
     stats: dict[str, torch.Tensor] = {}
+    if cfg.importance_weight == "mask":
+        stats["seq/mask_fraction"] = (1 - kept).sum()
     if cfg.kl_coef:
         d = x.ref_logprobs - x.logprobs
         kl = d.exp() - d - 1  # k3 estimator of KL(pi || pi_ref), >= 0

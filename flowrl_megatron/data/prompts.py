@@ -106,7 +106,11 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
 
 
 class PromptStream:
-    """Epoch after epoch over the prompts, each epoch in its own seeded order; resumable from ``state()``."""
+    """Epoch after epoch over the prompts, each epoch in its own seeded order; resumable from ``state()``.
+
+    A prompt's *order* is its position in that endless sequence (``epoch x count + offset``): what names it in
+    logs and checkpoints, and what ``index_at`` turns back into a prompt.
+    """
 
     def __init__(self, count: int, seed: int, shuffle: bool = True) -> None:
         self.count, self.seed, self.shuffle = count, seed, shuffle
@@ -128,6 +132,20 @@ class PromptStream:
             out += self._order[self.offset : self.offset + n]
             self.offset += n
         return out
+
+    @property
+    def position(self) -> int:
+        """The order of the next prompt ``take`` returns."""
+        return self.epoch * self.count + self.offset
+
+    def index_at(self, order: int) -> int:
+        """The prompt at position ``order`` of the data order."""
+        epoch, offset = divmod(order, self.count)
+        if epoch == self.epoch:
+            return self._order[offset]
+        other = PromptStream(self.count, self.seed, self.shuffle)
+        other.restore({"epoch": epoch, "offset": 0})
+        return other._order[offset]
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -42,23 +43,41 @@ def _score(name: str, response: str, answer: str, timeout_s: float) -> tuple[flo
 @dataclass
 class Scores:
     rewards: list[float]
-    timeouts: int
-    errors: int
+    status: list[str]  # per sample: "ok", "timeout" (scored 0) or "error" (the grader raised; scored 0)
     fractions: list[float | None]  # per sample, from rewards that check several things (code: tests passed)
+
+    @property
+    def timeouts(self) -> int:
+        return self.status.count("timeout")
+
+    @property
+    def errors(self) -> int:
+        return self.status.count("error")
 
     @property
     def mean_fraction(self) -> float | None:
         known = [f for f in self.fractions if f is not None]
         return sum(known) / len(known) if known else None
 
+    def part(self, start: int, stop: int) -> Scores:
+        """The scores of samples ``start..stop-1``."""
+        return Scores(self.rewards[start:stop], self.status[start:stop], self.fractions[start:stop])
+
 
 class RewardPool:
+    """Callable from several threads (the rollout producer and the trainer's evaluation): calls take turns."""
+
     def __init__(self, name: str, workers: int, timeout_s: float) -> None:
         self.name, self.workers, self.timeout_s = name, workers, timeout_s
         self._ctx = multiprocessing.get_context("spawn")  # the trainer process has threads; no fork
         self._pool = self._ctx.Pool(workers)
+        self._turn = threading.Lock()  # a pool replaced by one call's deadline must not end another call's jobs
 
     def score(self, responses: list[str], answers: list[str]) -> Scores:
+        with self._turn:
+            return self._score(responses, answers)
+
+    def _score(self, responses: list[str], answers: list[str]) -> Scores:
         jobs = [self._pool.apply_async(_score, (self.name, r, a, self.timeout_s))
                 for r, a in zip(responses, answers, strict=True)]
         # Every sample gets its own limit; queued ones wait for a free worker first.
@@ -74,8 +93,7 @@ class RewardPool:
             self._pool.terminate()
             self._pool = self._ctx.Pool(self.workers)
             results += [(0.0, "timeout", None)] * (len(jobs) - len(results))
-        return Scores([r for r, _, _ in results], sum(s == "timeout" for _, s, _ in results),
-                      sum(s == "error" for _, s, _ in results), [f for _, _, f in results])
+        return Scores([r for r, _, _ in results], [s for _, s, _ in results], [f for _, _, f in results])
 
     def close(self) -> None:
         self._pool.terminate()

@@ -6,11 +6,16 @@ to the engine with the fewest requests in flight. A failed request (connection e
 timeout, 5xx, or an answer that does not hold exactly ``n`` complete samples) is retried on
 another engine with the same seed; after ``retries`` failures the whole batch fails with the
 prompt and the last error named. Every requested sample comes back exactly once, or none do.
+
+``salt`` keys vLLM's prefix cache: the cache is keyed by tokens, not weights, so after a weight update a
+cached prompt prefix holds keys and values the old weights computed. Requests salted with their weight
+version only ever share cached blocks with requests of the same version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,20 +71,18 @@ class RolloutClient:
         self.requests_sent = [0] * len(self.urls)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seeds: Sequence[int]) -> list[list[Sample]]:
+                 seeds: Sequence[int], salt: str | None = None) -> list[list[Sample]]:
         """``prompts[i]`` (token ids) -> its ``sampling.n`` samples, generated with ``seeds[i]``."""
-        return asyncio.run(self.generate_async(prompts, sampling, seeds))
+        return asyncio.run(self.generate_async(prompts, sampling, seeds, salt))
 
     async def generate_async(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                             seeds: Sequence[int]) -> list[list[Sample]]:
+                             seeds: Sequence[int], salt: str | None = None) -> list[list[Sample]]:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         semaphore = asyncio.Semaphore(self.max_concurrency)
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        async with httpx.AsyncClient(limits=limits, headers=headers, timeout=self.request_timeout_s) as http:
+        async with self.session() as http:
             tasks = [
-                asyncio.create_task(self._one_prompt(http, semaphore, i, list(p), sampling, seeds[i]))
+                asyncio.create_task(self.generate_group(http, i, list(p), sampling, seeds[i], salt, semaphore))
                 for i, p in enumerate(prompts)
             ]
             try:
@@ -89,21 +92,29 @@ class RolloutClient:
                     t.cancel()
                 raise
 
+    def session(self) -> httpx.AsyncClient:
+        """An HTTP client for this client's requests, used inside one event loop."""
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        return httpx.AsyncClient(limits=limits, headers=headers, timeout=self.request_timeout_s)
+
     def _pick_engine(self, avoid: set[int]) -> int:
         candidates = [i for i in range(len(self.urls)) if i not in avoid] or list(range(len(self.urls)))
         return min(candidates, key=lambda i: (self.in_flight[i], self.requests_sent[i]))
 
-    async def _one_prompt(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore, index: int,
-                          prompt: list[int], sampling: SamplingConfig, seed: int) -> list[Sample]:
+    async def generate_group(self, http: httpx.AsyncClient, index: int, prompt: list[int], sampling: SamplingConfig,
+                             seed: int, salt: str | None = None,
+                             semaphore: asyncio.Semaphore | None = None) -> list[Sample]:
+        """One prompt's ``sampling.n`` samples, retried on another engine when a request fails."""
         failed: set[int] = set()
         last_error = ""
-        async with semaphore:
+        async with semaphore or contextlib.nullcontext():
             for attempt in range(self.retries + 1):
                 engine = self._pick_engine(failed)
                 self.in_flight[engine] += 1
                 self.requests_sent[engine] += 1
                 try:
-                    return await self._request(http, engine, index, prompt, sampling, seed)
+                    return await self._request(http, engine, index, prompt, sampling, seed, salt)
                 except (httpx.TransportError, httpx.HTTPStatusError, _BadAnswer) as e:
                     failed.add(engine)
                     last_error = f"engine {engine} ({self.urls[engine]}): {type(e).__name__}: {e}"
@@ -116,7 +127,7 @@ class RolloutClient:
         )
 
     async def _request(self, http: httpx.AsyncClient, engine: int, index: int, prompt: list[int],
-                       sampling: SamplingConfig, seed: int) -> list[Sample]:
+                       sampling: SamplingConfig, seed: int, salt: str | None) -> list[Sample]:
         body = {
             "model": "policy",
             "prompt": prompt,
@@ -131,6 +142,8 @@ class RolloutClient:
             "skip_special_tokens": False,
             "return_tokens_as_token_ids": True,  # no per-token detokenization for the log-probs
         }
+        if salt is not None:
+            body["cache_salt"] = salt
         response = await http.post(f"{self.urls[engine]}/v1/completions", json=body)
         if response.status_code >= 500 or response.status_code == 429:
             response.raise_for_status()
@@ -149,3 +162,24 @@ class RolloutClient:
             samples.append(Sample(index, c["index"], list(ids), [float(x) for x in lps],
                                   c.get("finish_reason") or "length", engine))
         return samples
+
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[list[float]]]:
+        """Every engine's log-probs (temperature 1) of each prompt's tokens, token-aligned (position 0 is 0):
+        ``[engine][prompt][position]``. Sent to each engine directly, not balanced: this checks every engine."""
+        return asyncio.run(self._prompt_logprobs(prompts))
+
+    async def _prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[list[float]]]:
+        async with self.session() as http:
+            return list(await asyncio.gather(*[
+                asyncio.gather(*[self._score_prompt(http, url, list(p)) for p in prompts]) for url in self.urls]))
+
+    async def _score_prompt(self, http: httpx.AsyncClient, url: str, prompt: list[int]) -> list[float]:
+        body = {"model": "policy", "prompt": prompt, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0,
+                "return_tokens_as_token_ids": True}
+        response = await http.post(f"{url}/v1/completions", json=body)
+        if response.status_code != 200:
+            raise GenerationError(f"{url} could not score a probe prompt: HTTP {response.status_code} "
+                                  f"{response.text[:500]}")
+        scored = response.json()["choices"][0]["prompt_logprobs"]
+        # One entry per prompt token: None for the first, else {token: {"logprob": ...}} with the prompt's token.
+        return [0.0] + [next(iter(entry.values()))["logprob"] for entry in scored[1:]]

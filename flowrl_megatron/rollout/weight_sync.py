@@ -89,6 +89,15 @@ class EnginesClient:
         body = {"weight_version": weight_version or str(self.version)}
         self._post_all("finish_weight_update", [body] * len(self.urls))
 
+    def pause(self, mode: str) -> None:
+        """Stop every engine's scheduler for a weight update with requests in flight: ``keep`` freezes them (they
+        continue after ``resume``; the engine's KV and prefix caches are cleared, so what they compute next is
+        computed with the new weights), ``wait`` returns once they have all finished."""
+        self._post_all(f"pause?mode={mode}&clear_cache=true", [{}] * len(self.urls))
+
+    def resume(self) -> None:
+        self._post_all("resume", [{}] * len(self.urls))
+
     def shutdown_weight_transfer_engine(self) -> None:
         """Best effort: an engine that never joined (a restarted one) has nothing to release."""
         for url in self.urls:

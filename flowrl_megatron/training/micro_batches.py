@@ -14,12 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from flowrl_megatron.models.gpt import causal_attention_mask
 from flowrl_megatron.runtime import device
+
+if TYPE_CHECKING:
+    from flowrl_megatron.training.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,6 @@ class MicroBatching:
     @property
     def dynamic(self) -> bool:
         return self.max_tokens > 0
-
-
-def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    """Tokens of each row (prompt + response); rows are right-padded."""
-    return (batch["prompt_mask"] | batch["response_mask"]).sum(1).tolist()
 
 
 def balanced_split(lengths: Sequence[int], parts: int) -> list[list[int]]:
@@ -93,7 +92,7 @@ class MicroBatch:
     The index tensors derived from ``lengths`` are computed once and kept: every pass uses them several times.
     """
 
-    rows: dict[str, torch.Tensor]  # [n, L] per token (L = longest sample here) or [n] per sample
+    rows: Batch  # [n, L] per token (L = longest sample here) or [n] per sample
     lengths: torch.Tensor  # [n] tokens per sample, on the CPU (index arithmetic there: no device syncs)
     index: torch.Tensor  # [n] the samples' rows in the batch they were cut from
     packed: bool
@@ -101,17 +100,17 @@ class MicroBatch:
     @property
     def tokens(self) -> int:
         """Tokens the model processes, padding included."""
-        n, width = self.rows["tokens"].shape
+        n, width = self.rows.tokens.shape
         return int(self.lengths.sum()) if self.packed else n * width
 
     @property
     def device(self) -> torch.device:
-        return self.rows["tokens"].device
+        return self.rows.tokens.device
 
     @cached_property
     def _flat_index(self) -> torch.Tensor:
         """Where each packed token sits in the rows [n, L], flattened."""
-        return self.sample_ids[0] * self.rows["tokens"].shape[1] + self.positions[0]
+        return self.sample_ids[0] * self.rows.tokens.shape[1] + self.positions[0]
 
     @cached_property
     def sample_ids(self) -> torch.Tensor:
@@ -122,7 +121,7 @@ class MicroBatch:
     def positions(self) -> torch.Tensor:
         """Token positions within each sample: [1, T] packed, [n, L] padded."""
         if not self.packed:
-            n, width = self.rows["tokens"].shape
+            n, width = self.rows.tokens.shape
             return torch.arange(width, device=self.device).expand(n, width)
         starts = torch.cumsum(self.lengths, 0) - self.lengths
         within = torch.arange(int(self.lengths.sum())) - torch.repeat_interleave(starts, self.lengths)
@@ -141,12 +140,12 @@ class MicroBatch:
         if not self.packed:
             return token_aligned
         values = token_aligned[0].masked_fill(self.positions[0] == 0, 0.0)
-        n, width = self.rows["tokens"].shape
+        n, width = self.rows.tokens.shape
         return values.new_zeros(n * width).index_copy(0, self._flat_index, values).view(n, width)
 
     def model_inputs(self, with_prompt_mask: bool) -> dict:
         """Keyword arguments of the model's forward pass for these samples."""
-        inputs = {"input_ids": self.pack(self.rows["tokens"]), "position_ids": self.positions}
+        inputs = {"input_ids": self.pack(self.rows.tokens), "position_ids": self.positions}
         if self.packed:
             cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(self.lengths, 0)
@@ -156,23 +155,22 @@ class MicroBatch:
             inputs["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                                           max_seqlen_q=longest, max_seqlen_kv=longest)
         else:
-            inputs["attention_mask"] = causal_attention_mask(self.rows["tokens"].shape[1], self.device)
+            inputs["attention_mask"] = causal_attention_mask(self.rows.tokens.shape[1], self.device)
         if with_prompt_mask:
-            inputs["prompt_mask"] = self.pack(self.rows["prompt_mask"])
+            inputs["prompt_mask"] = self.pack(self.rows.prompt_mask)
             if self.packed:
                 inputs["sample_ids"] = self.sample_ids
         return inputs
 
 
-def micro_batches(batch: dict[str, torch.Tensor], batching: MicroBatching) -> list[MicroBatch]:
+def micro_batches(batch: Batch, batching: MicroBatching) -> list[MicroBatch]:
     """``batch`` (rows, right-padded) cut into micro-batches per ``batching``, each trimmed to its longest row and
     moved to this rank's device."""
-    lengths = sample_lengths(batch)
+    lengths = batch.lengths()
     out = []
     for members in plan(lengths, batching):
         index = torch.tensor(members)
-        width = max(lengths[i] for i in members)
-        rows = {k: (v[index, :width] if v.dim() == 2 else v[index]).to(device()) for k, v in batch.items()}
+        rows = batch.select(index, max(lengths[i] for i in members)).to(device())
         out.append(MicroBatch(rows, torch.tensor([lengths[i] for i in members]), index, batching.packed))
     return out
 

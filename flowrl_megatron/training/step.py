@@ -1,15 +1,8 @@
 """Policy updates and log-prob passes through megatron-core's pipeline schedule.
 
-A batch is a dict of tensors for this data-parallel rank, rows = samples (prompt then
-response, right-padded), token-aligned: position t of ``*_logprobs`` holds log p(token_t | <t).
-
-    tokens         [B, S] long
-    prompt_mask    [B, S] bool   the prompt's tokens (Z-head pooling)
-    response_mask  [B, S] bool   the response's tokens (the loss)
-    advantages     [B]    float  normalised rewards
-    old_logprobs   [B, S] float  policy that sampled (importance weights); absent: on-policy, w = 1
-    ref_logprobs   [B, S] float  frozen reference; absent: zeros (GRPO without a KL term)
-    rollout_logprobs [B, S] float  the engines' log-probs; present: train-vs-rollout mismatch is reported
+A pass takes this data-parallel rank's ``Batch`` (``training.batch``). In ``forward_backward``, a batch with
+``rollout_logprobs`` also reports the train-vs-rollout mismatch over the samples its ``current`` marks (all when
+absent): the weights that sampled them are the weights being trained.
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from flowrl_megatron.algorithms.logprobs import megatron_logprobs
 from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
 from flowrl_megatron.runtime import device
+from flowrl_megatron.training.batch import Batch
 from flowrl_megatron.training.micro_batches import MicroBatch, MicroBatching, micro_batches
 
 
@@ -40,14 +34,14 @@ def token_logprobs(logits, tokens, vocab_size: int, temperature: float):
 
 def _logprobs(micro: MicroBatch, logits, vocab_size: int, temperature: float):
     """Token-aligned log-probs and entropies of the micro-batch's samples, as rows [n, L]."""
-    lp, ent = token_logprobs(logits, micro.pack(micro.rows["tokens"]), vocab_size, temperature)
+    lp, ent = token_logprobs(logits, micro.pack(micro.rows.tokens), vocab_size, temperature)
     return micro.to_rows(lp), micro.to_rows(ent)
 
 
 def _run(model_chunks, batches: list[MicroBatch], step_fn, forward_only: bool) -> list:
     """megatron-core's schedule over ``batches``; their shapes vary, which pipeline stages exchange first
     (``variable_seq_lengths``), so the shapes given here matter to nothing."""
-    n, width = batches[0].rows["tokens"].shape
+    n, width = batches[0].rows.tokens.shape
     return get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=iter(batches),
@@ -61,17 +55,20 @@ def _run(model_chunks, batches: list[MicroBatch], step_fn, forward_only: bool) -
 
 def forward_backward(
     model_chunks: list,
-    batch: dict[str, torch.Tensor],
+    batch: Batch,
     cfg: AlgorithmConfig,
     *,
     batching: MicroBatching,
     vocab_size: int,
     temperature: float = 1.0,
+    groups: int = 0,
 ) -> dict[str, float]:
     """Accumulate the loss gradient of ``batch`` (this DP rank's part of the global batch).
 
     The loss is a sum over units divided by the number of units in the whole global batch
     (``calculate_per_token_loss``), so gradients do not depend on how the batch is split.
+    ``groups`` > 0: the global batch holds that many prompt groups (``batch.group_ids`` in ``range(groups)``),
+    and FlowRL reports how far log Z is from each group's best value (``log_z_gap``).
     Returns the global-batch statistics, identical on every rank.
     """
     if not model_chunks[0].config.calculate_per_token_loss:
@@ -87,16 +84,19 @@ def forward_backward(
             lp, ent = _logprobs(micro, logits, vocab_size, temperature)
             total, count, stats = policy_loss(cfg, LossInputs(
                 logprobs=lp, entropy=ent,
-                old_logprobs=mb["old_logprobs"] if "old_logprobs" in mb else lp.detach(),  # on-policy: w = 1
-                ref_logprobs=mb["ref_logprobs"] if "ref_logprobs" in mb else torch.zeros_like(lp),
-                response_mask=mb["response_mask"], advantages=mb["advantages"], log_z=log_z,
+                old_logprobs=mb.old_logprobs if mb.old_logprobs is not None else lp.detach(),  # on-policy: w = 1
+                ref_logprobs=mb.ref_logprobs if mb.ref_logprobs is not None else torch.zeros_like(lp),
+                response_mask=mb.response_mask, advantages=mb.advantages, log_z=log_z,
+                group_ids=mb.group_ids if groups else None, groups=groups,
             ))
-            mask = mb["response_mask"]
-            if "rollout_logprobs" in mb:  # weights the engines sampled with: their log-probs must agree
-                diff = lp.detach() - mb["rollout_logprobs"]
-                stats["tok/mismatch_abs_diff"] = (diff.abs() * mask).sum()
-                stats["tok/mismatch_prob_ratio"] = (diff.exp() * mask).sum()
-                stats["max/mismatch_abs_diff"] = (diff.abs() * mask).max()
+            mask = mb.response_mask
+            if mb.rollout_logprobs is not None:  # weights the engines sampled with: their log-probs must agree
+                same = mask if mb.current is None else mask & mb.current[:, None]
+                diff = lp.detach() - mb.rollout_logprobs
+                stats["mis/mismatch_abs_diff"] = (diff.abs() * same).sum()
+                stats["mis/mismatch_prob_ratio"] = (diff.exp() * same).sum()
+                stats["max/mismatch_abs_diff"] = (diff.abs() * same).max()
+                stats["count/mismatch_tokens"] = same.sum().float()
             stats["count/sequences"] = torch.tensor(float(lp.shape[0]))
             stats["count/tokens"] = mask.sum().float()
             stats["count/sample_tokens"] = micro.lengths.sum().float()
@@ -112,7 +112,7 @@ def forward_backward(
 
 def forward_logprobs(
     model_chunks: list,
-    batch: dict[str, torch.Tensor],
+    batch: Batch,
     *,
     batching: MicroBatching,
     vocab_size: int,
@@ -138,44 +138,56 @@ def forward_logprobs(
         per_mb = _run(model_chunks, batches, step, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
-    out = torch.zeros(batch["tokens"].shape, device=device())
+    out = torch.zeros(batch.tokens.shape, device=device())
     for micro, d in zip(batches, per_mb, strict=True):
-        lp = d["logprobs"] * micro.rows["prompt_mask"].logical_or(micro.rows["response_mask"])
+        lp = d["logprobs"] * micro.rows.prompt_mask.logical_or(micro.rows.response_mask)
         out[micro.index.to(out.device), : lp.shape[1]] = lp
     return out
 
 
 def reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Sum (or max) micro-batch stats, reduce over data-parallel ranks, share from the last stage, divide."""
+    """Sum (or max) micro-batch stats, reduce over data-parallel ranks, share from the last stage, divide.
+
+    A stat is a scalar, except ``grp/`` stats: one value per prompt group of the global batch (summed).
+    """
     pp_group = parallel_state.get_pipeline_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     is_last = parallel_state.is_pipeline_last_stage()
-    keys = [sorted({k for d in per_mb for k in d}) if is_last else None]
-    dist.broadcast_object_list(keys, src=last, group=pp_group)
-    names: list[str] = keys[0]
-    values = torch.zeros(len(names), device=device())
+    shapes = [{k: v.numel() for d in per_mb for k, v in d.items()} if is_last else None]
+    dist.broadcast_object_list(shapes, src=last, group=pp_group)
+    names = sorted(shapes[0])
+    sizes = [shapes[0][n] for n in names]
+    values = torch.zeros(sum(sizes), device=device())
     if is_last:
-        is_max = torch.tensor([n.startswith("max/") for n in names], device=values.device)
-        for i, name in enumerate(names):
-            v = torch.stack([d[name].detach().float().reshape(()).to(values.device) for d in per_mb])
-            values[i] = v.max() if is_max[i] else v.sum()
+        is_max = torch.cat([torch.full((size,), n.startswith("max/")) for n, size in zip(names, sizes, strict=True)])
+        is_max = is_max.to(values.device)
+        parts = []
+        for name in names:
+            v = torch.stack([d[name].detach().float().reshape(-1).to(values.device) for d in per_mb])
+            parts.append(v.max(0).values if name.startswith("max/") else v.sum(0))
+        values = torch.cat(parts)
         maxima = values.clone()
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(values, group=dp_group)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=dp_group)
         values = torch.where(is_max, maxima, values)
     dist.broadcast(values, src=last, group=pp_group)
-    totals = dict(zip(names, values.tolist(), strict=True))
+    totals = dict(zip(names, values.split(sizes), strict=True))
+    counts = {kind: max(totals[f"count/{name}"].item(), 1) if f"count/{name}" in totals else 1
+              for kind, name in (("seq", "sequences"), ("tok", "tokens"), ("mis", "mismatch_tokens"))}
     out: dict[str, float] = {}
-    for key, v in sorted(totals.items()):
+    for key, v in totals.items():
         kind, name = key.split("/", 1)
-        if kind == "seq":
-            out[name] = v / max(totals["count/sequences"], 1)
-        elif kind == "tok":
-            out[name] = v / max(totals["count/tokens"], 1)
+        if kind in counts:
+            out[name] = v.item() / counts[kind]
         elif kind == "max":
-            out[name + "_max"] = v
-        else:
-            out[key] = v
+            out[name + "_max"] = v.item()
+        elif kind != "grp":
+            out[key] = v.item()
     if "residual_sq" in out:  # FlowRL: report the residual's spread, not its raw second moment
         out["residual_std"] = max(out.pop("residual_sq") - out["residual"] ** 2, 0.0) ** 0.5
+    if "grp/residual" in totals:  # FlowRL: log Z minus the value that zeroes each group's mean residual
+        seen = totals["grp/count"] > 0
+        gap = totals["grp/residual"][seen] / totals["grp/count"][seen]
+        out["log_z_gap"] = gap.abs().mean().item() if seen.any() else 0.0
     return out

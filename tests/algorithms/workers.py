@@ -56,9 +56,10 @@ def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: floa
     }
 
 
-def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: int = 4, seed: int = 0) -> dict:
+def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: int = 4, seed: int = 0):
     """Prompt + response rows with uneven lengths, right-padded; rewards in groups of ``group_size``."""
     from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+    from flowrl_megatron.training.batch import Batch
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, arch.vocab_size, (batch_size, seq_len), generator=g)
@@ -72,15 +73,16 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
         tokens[r, p + n :] = 0
     rewards = torch.randint(0, 2, (batch_size,), generator=g).float()
     groups = torch.arange(batch_size) // group_size
-    return {
-        "tokens": tokens,
-        "prompt_mask": prompt_mask,
-        "response_mask": response_mask,
-        "old_logprobs": -torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
-        "ref_logprobs": -torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
-        "rewards": rewards,
-        "advantages": normalize_rewards(AlgorithmConfig(), rewards, groups),
-    }
+    return Batch(
+        tokens=tokens,
+        prompt_mask=prompt_mask,
+        response_mask=response_mask,
+        old_logprobs=-torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
+        ref_logprobs=-torch.rand(batch_size, seq_len, generator=g) * 0.2 - 6.9,
+        rewards=rewards,
+        advantages=normalize_rewards(AlgorithmConfig(), rewards, groups),
+        group_ids=groups,
+    )
 
 
 def policy_gradients(ckpt: str, tp: int, pp: int, variants: list[dict], out: str) -> None:
@@ -108,7 +110,7 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
     from flowrl_megatron.conversion.gather import gather_hf_state
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.models.z_head import ZHeadConfig
-    from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split, sample_lengths
+    from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
     from flowrl_megatron.training.parallel import wrap_ddp
     from flowrl_megatron.training.step import forward_backward, forward_logprobs
 
@@ -119,8 +121,8 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
     batching = MicroBatching(micro_batch_size, max_tokens, packed)
     batch = synthetic_batch(arch)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mine = torch.tensor(data_parallel_split(sample_lengths(batch), dp, batching)[dp_rank])
-    local = {k: v[mine] for k, v in batch.items() if k != "rewards"}
+    mine = torch.tensor(data_parallel_split(batch.lengths(), dp, batching)[dp_rank])
+    local = batch.replace(rewards=None).select(mine)
     result = {}
     if torch.distributed.get_world_size() == 1:
         with torch.no_grad():
@@ -129,13 +131,13 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
     for name in ("flowrl", "grpo"):
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], local, AlgorithmConfig(name=name), batching=batching,
-                                 vocab_size=arch.vocab_size)
+                                 vocab_size=arch.vocab_size, groups=2)
         grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
         result[name] = {"stats": stats, "grads": grads}
     return result
 
 
-def log_z_per_sample(model, batch: dict, packed: bool) -> torch.Tensor:
+def log_z_per_sample(model, batch, packed: bool) -> torch.Tensor:
     """The policy's log Z of every row of ``batch``, all rows in one (packed or padded) micro-batch."""
     from flowrl_megatron.training.micro_batches import MicroBatching, micro_batches
 

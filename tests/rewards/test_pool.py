@@ -15,8 +15,10 @@ def test_scores_in_order_and_counts_timeouts_and_errors():
         assert s.rewards == [1.0, 0.0, 0.0, 1.0, 0.0] and s.timeouts == 2 and s.errors == 0
         assert time.monotonic() - start < 10
         errors = RewardPool("tests.rewards.slow_rewards:raises_on_one", workers=1, timeout_s=1.0)
-        assert errors.score(["crash", "y"], ["crash", "y"]).__dict__ == {"rewards": [0.0, 1.0], "timeouts": 0,
-                                                                         "errors": 1, "fractions": [None, None]}
+        scored = errors.score(["crash", "y"], ["crash", "y"])
+        assert scored.__dict__ == {"rewards": [0.0, 1.0], "status": ["error", "ok"], "fractions": [None, None]}
+        assert (scored.timeouts, scored.errors) == (0, 1)
+        assert scored.part(1, 2).__dict__ == {"rewards": [1.0], "status": ["ok"], "fractions": [None]}
         errors.close()
     finally:
         pool.close()

@@ -14,6 +14,7 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
 
     from flowrl_megatron.rollout.client import SamplingConfig
     from flowrl_megatron.rollout.mismatch import logprob_mismatch
+    from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching
     from flowrl_megatron.training.step import forward_logprobs
 
@@ -33,7 +34,7 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
         rollout[i, len(p) : len(p) + len(t)] = torch.tensor(lps)
         mask[i, len(p) : len(p) + len(t)] = True
         prompt_mask[i, : len(p)] = True
-    train = forward_logprobs(model_chunks, {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": mask},
+    train = forward_logprobs(model_chunks, Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=mask),
                              batching=MicroBatching(len(samples)), vocab_size=arch.vocab_size)
     if not parallel_state.is_pipeline_last_stage():
         return {}
@@ -68,7 +69,7 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: lis
     result = {}
     if train_step:
         optimizer = build_optimizer([ddp], lr=1e-2, clip_grad=0.0)
-        batch = {k: v for k, v in synthetic_batch(arch).items() if k != "rewards"}
+        batch = synthetic_batch(arch).replace(rewards=None)
         forward_backward([ddp], batch, AlgorithmConfig(), batching=MicroBatching(8), vocab_size=arch.vocab_size)
         optimizer.step()
         result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)

@@ -61,13 +61,14 @@ def test_same_loss_and_gradients_as_single_process(results, algorithm, layout):
 
 @pytest.mark.distributed
 def test_packed_log_probs_and_log_z_equal_padded_rows(results):
-    """The same samples, one per padded row or end to end in THD rows (the same SDPA attention): bit-identical
-    log-probs and log Z per sample."""
+    """The same samples, one per padded row or end to end in THD rows (the same SDPA attention): the same
+    log-probs and log Z per sample. Bit-identical on the Intel CPUs this was first run on; on AMD EPYC, torch's
+    CPU attention kernels sum in another order for other sequence lengths (seen: up to 1e-6 apart)."""
     padded, packed = results[LAYOUTS[6]], results[LAYOUTS[7]]
     mask = packed["logprobs"] != 0
     assert mask.sum() == 68 - 8  # every token but each sample's first has a log-prob
-    assert torch.equal(packed["logprobs"], padded["logprobs"])
+    assert (packed["logprobs"] - padded["logprobs"]).abs().max() <= TOL / 5
     assert padded["log_z"].std() > 1e-3  # samples with different prompts get different log Z
-    assert torch.equal(packed["log_z"], padded["log_z"])
+    assert (packed["log_z"] - padded["log_z"]).abs().max() <= TOL / 5
     assert packed["flowrl"]["stats"]["count/model_tokens"] == 68  # no padding
     assert padded["flowrl"]["stats"]["count/model_tokens"] == 8 * 12  # every row as long as the longest

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from flowrl_megatron.training.batch import Batch
 from flowrl_megatron.training.micro_batches import (
     MicroBatching,
     balanced_split,
@@ -63,7 +64,7 @@ def test_data_parallel_split_without_a_budget_is_contiguous_whole_micro_batches(
         data_parallel_split([1] * 8, 2, MicroBatching(micro_batch_size=3))
 
 
-def rows_batch(lengths: list[int], prompt: int = 2) -> dict[str, torch.Tensor]:
+def rows_batch(lengths: list[int], prompt: int = 2) -> Batch:
     width = max(lengths)
     tokens = torch.zeros(len(lengths), width, dtype=torch.long)
     prompt_mask = torch.zeros(len(lengths), width, dtype=torch.bool)
@@ -72,8 +73,8 @@ def rows_batch(lengths: list[int], prompt: int = 2) -> dict[str, torch.Tensor]:
         tokens[i, :n] = torch.arange(1, n + 1) + 100 * i
         prompt_mask[i, :prompt] = True
         response_mask[i, prompt:n] = True
-    return {"tokens": tokens, "prompt_mask": prompt_mask, "response_mask": response_mask,
-            "advantages": torch.arange(len(lengths), dtype=torch.float32)}
+    return Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask,
+                 advantages=torch.arange(len(lengths), dtype=torch.float32))
 
 
 def test_packed_micro_batch_maps_tokens_and_back():

@@ -225,10 +225,11 @@ class RolloutProducer:
         self._poke()
 
     def counts(self) -> dict[str, int]:
-        """Groups issued and not yet trained (``live``: in flight, being scored or ready), ready, and waiting to be
-        issued again."""
+        """Groups issued and not yet trained (``live``: in flight, being scored or ready), ready, waiting to be
+        issued again, and consumed by the trainer; the engines' weight version."""
         with self._cv:
-            return {"live": len(self._live), "ready": len(self._ready), "pending": len(self._pending)}
+            return {"live": len(self._live), "ready": len(self._ready), "pending": len(self._pending),
+                    "consumed": self._consumed, "version": self.version}
 
     def state(self) -> dict:
         """What a checkpoint needs: the data order's position and every issued prompt not yet trained."""

@@ -122,11 +122,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 PLOTS = {
     "reward": ["reward/mean", "reward/accuracy"],
-    "flowrl": ["train/log_z", "train/residual", "train/residual_std"],
+    "flowrl": ["train/log_z", "train/residual", "train/residual_std", "train/log_z_gap"],
     "policy": ["train/entropy", "train/policy_logprob", "train/ref_logprob"],
-    "importance": ["train/importance_weight", "train/importance_weight_max", "train/clip_fraction"],
+    "importance": ["train/importance_weight", "train/importance_weight_max", "train/clip_fraction",
+                   "train/mask_fraction"],
+    "staleness": ["rollout/staleness_mean", "rollout/staleness_max", "rollout/dropped_stale"],
     "length": ["response/length_mean", "response/truncated_fraction"],
-    "mismatch": ["mismatch/abs_diff", "mismatch/prob_ratio"],
+    "mismatch": ["mismatch/abs_diff", "mismatch/prob_ratio", "mismatch/probe_abs_diff"],
     "time": [f"time/{p}" for p in (*PHASES, "other")],
     "eval_pass": [f"eval/pass@{k}" for k in (1, 2, 4, 8, 16, 32, 64)],
     "eval_diversity": ["eval/distinct", "eval/distinct_correct"],
@@ -161,4 +163,87 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    timeline = read_timeline(run_dir)
+    if timeline:
+        written.append(plot_timeline(timeline, out_dir / "timeline.png"))
     return written
+
+
+def read_timeline(run_dir: str | Path, last_steps: int = 0) -> list[dict]:
+    """The timeline's intervals (``Timeline``), of the last ``last_steps`` steps only when > 0."""
+    path = Path(run_dir) / "timeline.jsonl"
+    if not path.is_file():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line]
+    if last_steps and events:
+        first = max(e["step"] for e in events) - last_steps + 1
+        events = [e for e in events if e["step"] >= first]
+    return events
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in _union(intervals))
+
+
+BUSY = {"engines": ("generate",), "trainer": ("logprobs", "update", "sync", "eval", "checkpoint")}
+
+
+def busy_fractions(events: list[dict], start: float, end: float) -> dict[str, float]:
+    """Share of ``[start, end]`` each role worked: the engines while requests were in flight and they were not
+    paused for a weight update; the trainer in its log-prob, update, sync, eval and checkpoint phases."""
+    out = {}
+    for role, phases in BUSY.items():
+        spans = [(e["start"], e["end"]) for e in events if e["role"] == role and e["phase"] in phases]
+        busy = _length(spans, start, end)
+        if role == "engines":  # in flight but paused is not working
+            paused = [(e["start"], e["end"]) for e in events if e["role"] == "engines" and e["phase"] == "paused"]
+            both = [(max(a, c), min(b, d)) for a, b in _union(spans) for c, d in _union(paused)
+                    if max(a, c) < min(b, d)]
+            busy -= _length(both, start, end)
+        out[role] = busy / max(end - start, 1e-9)
+    return out
+
+
+PHASE_COLORS = {"generate": "tab:blue", "paused": "lightgray", "pause": "gray", "rewards": "tab:green",
+                "rollout": "whitesmoke", "logprobs": "tab:orange", "update": "tab:red", "sync": "tab:purple",
+                "eval": "tab:olive", "checkpoint": "tab:brown"}
+
+
+def plot_timeline(events: list[dict], path: Path, last_steps: int = 8) -> Path:
+    """A Gantt chart of what each role did over the last ``last_steps`` steps (the trainer's "rollout" is waiting
+    for rollouts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = max(max(e["step"] for e in events) - last_steps + 1, min(e["step"] for e in events))
+    events = [e for e in events if e["step"] >= first]
+    t0 = min(e["start"] for e in events)
+    roles = ["engines", "rewards", "trainer"]
+    fig, ax = plt.subplots(figsize=(10, 2.8))
+    seen = set()
+    for e in events:
+        y = roles.index(e["role"])
+        label = None if e["phase"] in seen else e["phase"]
+        seen.add(e["phase"])
+        ax.barh(y, e["end"] - e["start"], left=e["start"] - t0, height=0.6 if e["phase"] != "paused" else 0.3,
+                color=PHASE_COLORS.get(e["phase"], "black"), edgecolor="none", label=label)
+    ax.set_yticks(range(len(roles)), roles)
+    ax.set_xlabel("seconds")
+    ax.set_title(f"timeline of steps {first}-{max(e['step'] for e in events)} (trainer 'rollout': waiting)")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

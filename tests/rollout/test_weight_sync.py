@@ -35,7 +35,7 @@ def run(setup, tp: int, pp: int, train_step: bool) -> dict:
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
 def test_synced_engines_reproduce_the_trainers_logprobs(setup, tp, pp):
     r = run(setup, tp, pp, train_step=False)
-    assert set(r["after_sync"]) == {"engine0", "engine1"}
+    assert set(r["after_sync"]) == {"engine0", "engine1", "probe"}
     assert max(r["after_sync"].values()) <= TOL
 
 
@@ -53,6 +53,7 @@ def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):
     _, group = setup
     r = run(setup, 2, 1, train_step=True)
     assert min(r["before_sync"].values()) > 100 * TOL  # the step changed the weights the engines serve
+    assert r["before_sync"]["probe"] > 100 * TOL  # the probe (asynchronous runs' check) sees it too
     assert max(r["after_sync"].values()) <= TOL
     for engine in group.engines:
         info = httpx.get(f"{engine.url}/weight_info", headers={"Authorization": f"Bearer {group.api_key}"}).json()

@@ -8,8 +8,31 @@ import torch
 import torch.distributed as dist
 
 
+def _probe(model_chunks, arch, client, prompts: list[list[int]]) -> float:
+    """The trainer's probe (``Trainer._probe_engines``' parts): every engine's prompt log-probs against Megatron's;
+    the worst engine's mean |difference|, on every rank."""
+    from megatron.core import parallel_state
+
+    from flowrl_megatron.rollout.mismatch import probe_mismatch, probe_stats
+    from flowrl_megatron.training.batch import prompt_batch
+    from flowrl_megatron.training.micro_batches import MicroBatching
+    from flowrl_megatron.training.step import forward_logprobs, reduce_stats
+
+    box = [client.prompt_logprobs(prompts) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    batch = prompt_batch(prompts)
+    train = forward_logprobs(model_chunks, batch, batching=MicroBatching(len(prompts)), vocab_size=arch.vocab_size)
+    per_mb = []
+    if parallel_state.is_pipeline_last_stage():
+        mask = batch.prompt_mask.clone()
+        mask[:, 0] = False
+        per_mb = [probe_stats(train, box[0], mask)]
+    return probe_mismatch(reduce_stats(per_mb), len(box[0]))[1].mean_abs_diff
+
+
 def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> dict:
-    """Engines sample (rank 0); every rank scores the samples with Megatron; the last stage compares."""
+    """Engines sample (rank 0); every rank scores the samples with Megatron; the last stage compares. The probe
+    compares every engine's prompt log-probs too."""
     from megatron.core import parallel_state
 
     from flowrl_megatron.rollout.client import SamplingConfig
@@ -36,11 +59,13 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
         prompt_mask[i, : len(p)] = True
     train = forward_logprobs(model_chunks, Batch(tokens=tokens, prompt_mask=prompt_mask, response_mask=mask),
                              batching=MicroBatching(len(samples)), vocab_size=arch.vocab_size)
+    probe = _probe(model_chunks, arch, client, prompts)
     if not parallel_state.is_pipeline_last_stage():
         return {}
     engines = sorted({e for *_, e in samples})
-    return {f"engine{e}": logprob_mismatch(train[idx], rollout[idx], mask[idx]).max_abs_diff
-            for e in engines for idx in [torch.tensor([i for i, s in enumerate(samples) if s[3] == e])]}
+    return {"probe": probe, **{f"engine{e}": logprob_mismatch(train[idx], rollout[idx], mask[idx]).max_abs_diff
+                               for e in engines for idx in [torch.tensor([i for i, s in enumerate(samples)
+                                                                          if s[3] == e])]}}
 
 
 def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: list[int], api_key: str,

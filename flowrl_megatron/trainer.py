@@ -35,6 +35,7 @@ from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
+from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
 from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed
@@ -93,6 +94,7 @@ class Trainer:
         # The engines serve model.path, or (engines started elsewhere, rollout.engine_urls) whatever an earlier run
         # left them: give them this run's weights before anything samples.
         self.sync.send(version=version)
+        self._probe = None  # the last weight update's probe (_start_probe), compared before the next update
         self.producer = None
         if self.driver is not None and cfg.rollout.max_staleness:
             self.producer = RolloutProducer(self.driver, self.sync.client, max_staleness=cfg.rollout.max_staleness,
@@ -195,8 +197,12 @@ class Trainer:
                     for name, v in stats.items():
                         totals[name] = totals.get(name, 0.0) + v / (self.minis * t.epochs)
         with timer("sync"):
+            probe = self._check_probe()  # the previous update's, answered by engines that still hold it
             self._sync_weights()
-            probe = self._probe_engines() if self.asynchronous else {}
+            if self.asynchronous:
+                self._start_probe()
+                if self.step + 1 == t.steps:  # no next update: compare now
+                    probe = self._check_probe()
         self.step += 1
         if self.rollout_log is not None:
             self.rollout_log.append(self.step, {"trained": [[g.order, g.prompt.row, g.first_version, g.last_version]
@@ -223,24 +229,36 @@ class Trainer:
         if self.producer is not None:
             self.producer.resume_engines(self.sync.version)
 
-    def _probe_engines(self) -> dict[str, float]:
-        """Every engine scores the fixed probe prompts with the weights just sent; the trainer scores them too.
-        Above ``rollout.max_mismatch`` the run stops: with samples of older weights in every batch, this is the
-        check that the engines serve the trained weights."""
-        box = [(self.driver.probe_prompts, self.driver.client.prompt_logprobs(self.driver.probe_prompts))
-               if self.driver is not None else None]
+    def _start_probe(self) -> None:
+        """After a weight update: the trainer scores the fixed probe prompts now (every rank), every engine scores
+        them in the background (rank 0); ``_check_probe`` compares them before the next update. Above
+        ``rollout.max_mismatch`` the run stops: with samples of older weights in every batch, this is the check that
+        the engines serve the trained weights. (The engines' answer waits behind the requests in flight: comparing
+        it at the next update keeps that wait off the trainer's path.)"""
+        prompts = self.driver.probe_prompts if self.driver is not None else None
+        box = [prompts]
         dist.broadcast_object_list(box, src=0)
-        prompts, engines = box[0]
-        batch = prompt_batch(prompts)
-        train = forward_logprobs([self.ddp], batch, batching=MicroBatching(len(prompts)),
+        batch = prompt_batch(box[0])
+        train = forward_logprobs([self.ddp], batch, batching=MicroBatching(batch.rows),
                                  vocab_size=self.arch.vocab_size)
+        engines = in_background(lambda: self.driver.client.prompt_logprobs(prompts)) if self.driver else None
+        self._probe = (self.step, batch, train, engines)
+
+    def _check_probe(self) -> dict[str, float]:
+        """Compare the last probe's trainer and engine log-probs (every rank; nothing when none is pending)."""
+        if self._probe is None:
+            return {}
+        step, batch, train, engines = self._probe
+        self._probe = None
+        box = [engines.result() if engines is not None else None]
+        dist.broadcast_object_list(box, src=0)
         per_mb = []
         if train is not None:  # the last pipeline stage
             mask = batch.prompt_mask.clone()
             mask[:, 0] = False  # nothing predicts a prompt's first token
-            per_mb = [probe_stats(train.cpu(), engines, mask)]
-        worst, m = probe_mismatch(reduce_stats(per_mb), len(engines))
-        check_mismatch(m, self.cfg.rollout.max_mismatch, self.step, f"probe log-probs of engine {worst}")
+            per_mb = [probe_stats(train.cpu(), box[0], mask)]
+        worst, m = probe_mismatch(reduce_stats(per_mb), len(box[0]))
+        check_mismatch(m, self.cfg.rollout.max_mismatch, step, f"probe log-probs of engine {worst}")
         return {"mismatch/probe_abs_diff": m.mean_abs_diff, "mismatch/probe_abs_diff_max": m.max_abs_diff}
 
     def _step_metrics(self, full: Batch, rollouts: RolloutBatch, totals: dict[str, float],

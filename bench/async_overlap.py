@@ -79,6 +79,8 @@ def measure(run_dir: Path, warmup: int) -> dict[str, float]:
     plot_run(run_dir)
     return {"step_s": (end - start) / len(steps), "engines_busy": busy["engines"], "trainer_busy": busy["trainer"],
             "trainer_wait_s": sum(r["time/rollout"] for r in rows) / len(rows),
+            "logprobs_s": sum(r["time/logprobs"] for r in rows) / len(rows),
+            "sync_s": sum(r["time/sync"] for r in rows) / len(rows),
             "engines_idle_s": (1 - busy["engines"]) * (end - start) / len(steps),
             "staleness": sum(r["rollout/staleness_mean"] for r in rows) / len(rows),
             "across_updates": sum(r["rollout/across_updates"] for r in rows) / len(rows),
@@ -106,12 +108,14 @@ def main() -> None:
     results = {name: measure(run_one(name, overrides, model, data, out, args.steps), args.warmup)
                for name, overrides in RUNS}
     sync = results["sync"]["step_s"]
-    print("\n| run | s/step | vs sync | engines busy | trainer busy | trainer waits s/step | engines idle s/step "
-          "| staleness | across updates | clip fraction |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| run | s/step | vs sync | engines busy | trainer busy | trainer waits for rollouts, s/step | engines "
+          "idle, s/step | trainer log-probs / sync, s/step | staleness | samples across an update | clip fraction |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / sync:.2f} | {r['engines_busy']:.0%} | "
               f"{r['trainer_busy']:.0%} | {r['trainer_wait_s']:.3f} | {r['engines_idle_s']:.3f} | "
-              f"{r['staleness']:.2f} | {r['across_updates']:.2f} | {r['clip_fraction']:.3f} |")
+              f"{r['logprobs_s']:.2f} / {r['sync_s']:.2f} | {r['staleness']:.2f} | {r['across_updates']:.2f} | "
+              f"{r['clip_fraction']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"timelines: {out}/*/plots/timeline.png")

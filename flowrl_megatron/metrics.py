@@ -195,22 +195,21 @@ def _length(intervals: list[tuple[float, float]], start: float, end: float) -> f
     return sum(max(0.0, min(b, end) - max(a, start)) for a, b in _union(intervals))
 
 
-BUSY = {"engines": ("generate",), "trainer": ("logprobs", "update", "sync", "eval", "checkpoint")}
+# role -> (its working phases, phases of any role during which it is not working though in one of them)
+BUSY = {"engines": (("generate",), ("paused",)),
+        "trainer": (("logprobs", "update", "sync", "eval", "checkpoint"), ("pause",))}
 
 
 def busy_fractions(events: list[dict], start: float, end: float) -> dict[str, float]:
     """Share of ``[start, end]`` each role worked: the engines while requests were in flight and they were not
-    paused for a weight update; the trainer in its log-prob, update, sync, eval and checkpoint phases."""
+    paused for a weight update; the trainer in its log-prob, update, sync, eval and checkpoint phases, except while
+    it waited for the engines to pause (``weight_update=drain`` waits there for the requests in flight)."""
     out = {}
-    for role, phases in BUSY.items():
-        spans = [(e["start"], e["end"]) for e in events if e["role"] == role and e["phase"] in phases]
-        busy = _length(spans, start, end)
-        if role == "engines":  # in flight but paused is not working
-            paused = [(e["start"], e["end"]) for e in events if e["role"] == "engines" and e["phase"] == "paused"]
-            both = [(max(a, c), min(b, d)) for a, b in _union(spans) for c, d in _union(paused)
-                    if max(a, c) < min(b, d)]
-            busy -= _length(both, start, end)
-        out[role] = busy / max(end - start, 1e-9)
+    for role, (working, waiting) in BUSY.items():
+        work = _union([(e["start"], e["end"]) for e in events if e["role"] == role and e["phase"] in working])
+        wait = _union([(e["start"], e["end"]) for e in events if e["phase"] in waiting])
+        both = [(max(a, c), min(b, d)) for a, b in work for c, d in wait if max(a, c) < min(b, d)]
+        out[role] = (_length(work, start, end) - _length(both, start, end)) / max(end - start, 1e-9)
     return out
 
 

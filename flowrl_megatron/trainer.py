@@ -139,20 +139,21 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _next_rollouts(self) -> RolloutBatch | None:
-        """Driver only: this step's rollout groups (None on other ranks)."""
+    def _next_rollouts(self, timer: PhaseTimer) -> RolloutBatch | None:
+        """Driver only: this step's rollout groups (None on other ranks); asynchronous, the ``rollout`` phase is
+        the wait for them."""
         if self.driver is None:
             return None
         if self.producer is not None:
-            return self.producer.take(self.sync.version)
-        return self.driver.rollouts(self.step, self.sync.version)
+            with timer("rollout"):
+                return self.producer.take(self.sync.version)
+        return self.driver.rollouts(self.step, self.sync.version, timer)
 
     def train_step(self, timer: PhaseTimer) -> dict[str, float]:
         """Train on one rollout batch and send the new weights to the engines; the step's metrics."""
         cfg, algo, t = self.cfg, self.cfg.algorithm, self.cfg.train
-        with timer("rollout"):
-            box = [self._next_rollouts()]
-            dist.broadcast_object_list(box, src=0)
+        box = [self._next_rollouts(timer)]
+        dist.broadcast_object_list(box, src=0)
         rollouts: RolloutBatch = box[0]
         full = build_batch(rollouts.groups)
         version = self.sync.version
@@ -386,6 +387,8 @@ class Trainer:
                 seconds = timer.breakdown()
                 tokens = values.pop("count/response_tokens")
                 values["perf/tokens_per_s"] = tokens / max(seconds["total"], 1e-9)
+                if not self.asynchronous:  # asynchronous, the engines generate while the trainer works
+                    values["perf/rollout_tokens_per_s"] = tokens / max(seconds["rollout"], 1e-9)
                 values.update({f"time/{k}": v for k, v in seconds.items()})
                 done += 1
                 for k, v in seconds.items():

@@ -58,12 +58,19 @@ def test_override_values_are_yaml():
     ("train=3", "train is a section; set its keys"),
     ("eval.every=5", "eval.every is set but eval.files is empty"),
     ("train.distributed_optimizer=true", "train.distributed_optimizer=true is not supported yet"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness must be >= 0 (0: synchronous), got -1"),
+    ("rollout.weight_update=abort", "rollout.weight_update must be one of ['keep', 'drain']"),
     ("eval.files=[/no/eval.jsonl]", "eval file /no/eval.jsonl does not exist"),
 ])
 def test_bad_settings_are_one_sentence(recipe, override, message):
     with pytest.raises(UserError, match=None) as e:
         load_config(recipe, [override])
     assert message in str(e.value)
+
+
+def test_a_sequence_mask_band_outside_0_1_is_refused(recipe):
+    with pytest.raises(UserError, match=r"algorithm.mask_eps must be in \(0, 1\), got 1.5"):
+        load_config(recipe, ["algorithm.importance_weight=mask", "algorithm.mask_eps=1.5"])
 
 
 def test_cli_rejects_a_bad_recipe_with_exit_2(recipe, tmp_path):
@@ -87,6 +94,7 @@ def test_the_7b_recipe_has_the_papers_hyperparameters():
     assert (t.lr, t.weight_decay, t.warmup_steps, t.grad_clip) == (1e-6, 0.1, 10, 1.0)
     assert (cfg.data.max_prompt_tokens, r.max_response_tokens, r.temperature, r.top_p) == (2048, 8192, 1.0, 1.0)
     assert (a.name, a.beta, a.importance_weight, a.clip_eps, cfg.data.template) == ("flowrl", 15.0, "clip", 0.2, "dapo")
+    assert r.max_staleness == 0  # the paper's runs are synchronous
 
 
 def test_the_tiny_recipe_validates_after_make_tiny(tmp_path, monkeypatch):

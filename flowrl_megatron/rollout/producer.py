@@ -27,7 +27,7 @@ from typing import Literal
 
 from flowrl_megatron.config import RunConfig
 from flowrl_megatron.data.prompts import Prompt
-from flowrl_megatron.metrics import Timeline
+from flowrl_megatron.metrics import PhaseTimer, Timeline
 from flowrl_megatron.rollout.client import RolloutClient, Sample, SamplingConfig
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 
@@ -124,15 +124,17 @@ class Driver:
         """Where the data order stands, and the prompts to sample before it."""
         return {"stream": self.stream.state(), "pending": list(self.pending)}
 
-    def rollouts(self, step: int, version: int) -> RolloutBatch:
-        """Synchronous: the next ``train.prompts_per_step`` prompts, sampled with weight version ``version``."""
+    def rollouts(self, step: int, version: int, timer: PhaseTimer) -> RolloutBatch:
+        """Synchronous: the next ``train.prompts_per_step`` prompts, sampled with weight version ``version``
+        (the trainer's ``rollout`` and ``rewards`` phases)."""
         orders = self.next_orders(self.cfg.train.prompts_per_step)
         seeds = [sample_seed(self.cfg.train.seed, step, i) for i in range(len(orders))]
         prompts = [self.prompts[self.stream.index_at(o)] for o in orders]
-        with self.timeline.span("engines", "generate"):
+        with timer("rollout"), self.timeline.span("engines", "generate"):
             samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
                                            salt=weight_salt(version))
-        return RolloutBatch(self.score(prompts, orders, samples, [(version, version)] * len(orders)))
+        with timer("rewards"):
+            return RolloutBatch(self.score(prompts, orders, samples, [(version, version)] * len(orders)))
 
     def close(self) -> None:
         self.pool.close()

@@ -56,12 +56,14 @@ def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
 
 
 def test_a_signalled_job_requeues_resumes_and_finishes(cluster, tiny, tmp_path):
-    """The tiny job trains with its engine under srun; SIGUSR1 to the batch script (what --signal=B:USR1@... sends
-    before preemption or the time limit) requeues it; the second run resumes from the latest checkpoint and finishes
-    every step once, leaving its checkpoint, metrics and per-role logs."""
+    """The tiny job trains asynchronously (rollout.max_staleness=1) with its engine under srun; SIGUSR1 to the batch
+    script (what --signal=B:USR1@... sends before preemption or the time limit) requeues it; the second run resumes
+    from the latest checkpoint and finishes every step once, every prompt of the data order trained once or still
+    pending, leaving its checkpoint, metrics and per-role logs."""
     run_dir = tmp_path / "run"
     env = {**cluster.env, "FLOWRL_PYTHON": sys.executable, "RUN_DIR": str(run_dir), "MODEL": str(tiny / "model"),
-           "OVERRIDES": f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=6 checkpoint.every=2"}
+           "OVERRIDES": f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=6 checkpoint.every=2 "
+                        "rollout.max_staleness=1"}
     job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", "slurm/tiny_cpu.sbatch"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.monotonic() + 600
@@ -80,9 +82,15 @@ def test_a_signalled_job_requeues_resumes_and_finishes(cluster, tiny, tmp_path):
     log = (tmp_path / "job.out").read_text()
     assert "JobState=COMPLETED" in state and "Restarts=1" in state, state + log
     assert "requeueing" in log and "training finished" in log
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
-    assert json.loads(metrics.read_text().splitlines()[-1])["weights/version"] == 6
+    assert rows[-1]["weights/version"] == 6 and max(r["rollout/staleness_max"] for r in rows) == 1
+    trained = [g[0] for line in (run_dir / "rollouts.jsonl").read_text().splitlines()
+               for g in json.loads(line)["trained"]]
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert len(trained) == len(set(trained)) == 6 * 8
+    assert sorted(trained + state["rollout"]["pending"]) == list(range(len(trained) + len(state["rollout"]["pending"])))
     logs = {p.name.split("-")[0] for p in (run_dir / "logs").glob("job-*/*.log")}
     assert logs == {"rollout", "trainer"}
     config = (run_dir / "config.yaml").read_text()

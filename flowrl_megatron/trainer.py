@@ -38,7 +38,7 @@ from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
 from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
-from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed
+from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed, weight_salt
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
 from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
@@ -306,10 +306,10 @@ class Trainer:
                                   temperature=ev.temperature, top_p=ev.top_p)
         # The same seeds at every evaluation: what changes between evaluations is the model, not the sampler.
         seeds = [sample_seed(self.cfg.train.seed, -1, i) for i in range(len(d.eval_prompts))]
+        v = self.sync.version
         graded = sample_and_grade(d.client, d.tokenizer, d.pool, self.cfg.reward.name,
                                   [p.token_ids for p in d.eval_prompts], [p.answer for p in d.eval_prompts],
-                                  sampling, seeds)
-        v = self.sync.version
+                                  sampling, seeds, salt=weight_salt(v))
         groups = [RolloutGroup(p, -1, g, graded.scores.rewards[i * ev.n : (i + 1) * ev.n], v, v)
                   for i, (p, g) in enumerate(zip(d.eval_prompts, graded.groups, strict=True))]
         batch = build_batch(groups)

@@ -16,12 +16,13 @@ class GradedSamples:
 
 
 def sample_and_grade(client, tokenizer, pool, reward: str, prompts: Sequence[Sequence[int]], gold: Sequence[str],
-                     sampling, seeds: Sequence[int]) -> GradedSamples:
-    """``sampling.n`` samples of each prompt (token ids), decoded and graded against its gold answer."""
+                     sampling, seeds: Sequence[int], salt: str | None = None) -> GradedSamples:
+    """``sampling.n`` samples of each prompt (token ids), decoded and graded against its gold answer; ``salt``: the
+    prefix-cache salt of the engines' current weights (``rollout.producer.weight_salt``) when they change."""
     from flowrl_megatron.rewards import final_answer
 
     n = sampling.n
-    groups = client.generate(prompts, sampling, seeds)
+    groups = client.generate(prompts, sampling, seeds, salt=salt)
     texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g] for g in groups]
     scores = pool.score([t for g in texts for t in g], [a for a in gold for _ in range(n)])
     correct = [[r > 0.5 for r in scores.rewards[i * n : (i + 1) * n]] for i in range(len(texts))]

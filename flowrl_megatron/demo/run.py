@@ -25,6 +25,8 @@ from flowrl_megatron.metrics import plot_run, read_metrics
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}
+COLORS = {"flowrl": "tab:blue", "grpo": "tab:orange"}
+LINE_STYLES = ("-", "--", ":", "-.")  # max_staleness 0, 1, 2, 3 and more
 MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
 
 
@@ -121,9 +123,10 @@ def plot_comparison(results: dict[str, dict], path: Path) -> Path:
     keys = [("pass@1", "pass@1"), ("distinct_correct", "distinct correct answers"), ("kl_ref", "KL to reference")]
     fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.5))
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for name, run in results.items():
+        for name, run in results.items():  # colour: the algorithm; line style: the staleness bound
+            algorithm, _, k = name.partition("-k")
             ax.plot([p["step"] for p in run["curve"]], [p[key] for p in run["curve"]], marker=".",
-                    label=label(name), linestyle="-" if "-k" not in name else "--")
+                    label=label(name), color=COLORS[algorithm], linestyle=LINE_STYLES[min(int(k or 0), 3)])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

@@ -88,10 +88,10 @@ def serve(args: argparse.Namespace) -> int:
     run = load_config(args.config, check=False)
     cfg = EngineConfig(model=run.model.path, tensor_parallel_size=run.rollout.engine_tp, host=args.host,
                        max_model_len=run.data.max_prompt_tokens + run.rollout.max_response_tokens)
-    env = server_env(cfg)
+    env = server_env(cfg, key)
     if args.gpu_offset is not None:  # this engine's GPUs among the node's
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(args.gpu_offset + i) for i in range(cfg.tensor_parallel_size))
-    cmd = server_command(cfg, args.port, key)
+    cmd = server_command(cfg, args.port)
     os.execve(cmd[0], cmd, env)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
 from flowrl_megatron.metrics import read_metrics
+from flowrl_megatron.rollout.auth import KEY_ENV
 from flowrl_megatron.training.batch import Batch, local_rows
 from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
@@ -140,8 +141,10 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     finishes: across the kill each prompt of the data order is trained once or still pending, none lost."""
     run_dir = tmp_path / "async"
     settings = ("rollout.max_staleness=1", "train.steps=6", "eval.every=0")
+    t0 = time.time() - 1
     proc = start(recipe, run_dir, *settings)
     wait_for_steps(proc, run_dir, 3)
+    keys = {engine.environ()[KEY_ENV].encode() for engine in engines_started_after(t0)}
     time.sleep(0.4)
     kill_run(proc)
     assert start(recipe, run_dir, *settings).wait(timeout=600) == 0
@@ -162,6 +165,9 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     plots = subprocess.run([sys.executable, "-m", "flowrl_megatron", "plot", str(run_dir)], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     assert "timeline.png" in {Path(p).name for p in plots}
+    # the engines' key is in no file the run wrote: config, logs, metrics, checkpoints, engine logs
+    written = [f for f in [*run_dir.rglob("*"), run_dir.with_suffix(".log")] if f.is_file()]
+    assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
 
 
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):

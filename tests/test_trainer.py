@@ -170,6 +170,32 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
 
 
+def test_sigterm_ends_every_process_of_the_run_and_a_live_run_dir_is_refused(recipe, tmp_path):
+    """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption): the launcher passes it on,
+    torchrun stops the rank, the engine goes with it; no process of the run is left, and the resumed run loses only
+    the step after the last checkpoint. While the run lives, a second `flowrl train` on its directory is refused
+    and its config.yaml is left as it was."""
+    run_dir = tmp_path / "run"
+    proc = start(recipe, run_dir, "eval.every=0")
+    wait_for_steps(proc, run_dir, 3)  # steps 1-3 trained; the last checkpoint is step 2's
+    config = (run_dir / "config.yaml").read_bytes()
+    second = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
+                             "train.lr=1e-4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by a running flowrl train" in second.stderr, second.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config
+    run = psutil.Process(proc.pid).children(recursive=True)
+    assert any("vllm" in " ".join(p.cmdline()) for p in run) and len(run) >= 5  # torchrun, the rank, the engine's 3
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(run, timeout=60)
+    assert not alive, f"outlived the run: {[p.cmdline()[:4] for p in alive]}"
+    log = run_dir.with_suffix(".log")
+    assert "flowrl train stopped by SIGTERM; every process of the run has ended" in log.read_text()
+    assert start(recipe, run_dir, "eval.every=0").wait(timeout=600) == 0
+    assert "resuming from" in log.read_text().rsplit("stopped by SIGTERM", 1)[1]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
     """A mismatch limit below what the engines reach (~2e-7 here) must stop the run before any update."""
     run_dir = tmp_path / "strict"

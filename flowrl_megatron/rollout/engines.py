@@ -29,6 +29,7 @@ import torch
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.rollout.auth import KEY_ENV, RequireKey
 from flowrl_megatron.runtime.distributed import free_port
+from flowrl_megatron.runtime.processes import die_with_parent
 
 
 def default_weight_transfer_backend() -> str:
@@ -49,14 +50,6 @@ class EngineConfig:
     weight_transfer_backend: str = field(default_factory=default_weight_transfer_backend)
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
-
-
-def _die_with_parent() -> None:
-    """In the engine's process, before exec: SIGTERM it when the process that started it dies, even by kill -9
-    (Linux PR_SET_PDEATHSIG); vLLM's own children then shut down with it. Nothing is orphaned."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def cpu_threads_bind(tp: int) -> str:
@@ -136,7 +129,7 @@ class Engine:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(server_command(self.cfg, self.port), stdout=log, stderr=subprocess.STDOUT,
                                          env=server_env(self.cfg, self.api_key), start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)  # vLLM's own children end with it
 
     def healthy(self) -> bool:
         return is_healthy(self.url)

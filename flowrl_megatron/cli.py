@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from flowrl_megatron.errors import UserError, run_cli
@@ -57,8 +56,11 @@ def format_eval(step: int, values: dict[str, float]) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from flowrl_megatron.config import load_config, write_run_config
     from flowrl_megatron.runtime.distributed import free_port
+    from flowrl_megatron.runtime.processes import HELD_LOCK_ENV, hold_run_dir, run_to_the_end
 
     overrides = list(args.overrides)
     if args.world_size:  # the data-parallel size that fills a launcher's ranks
@@ -67,6 +69,8 @@ def train(args: argparse.Namespace) -> int:
         model = load_config(args.recipe, overrides, check=False).model
         overrides.append(f"dp={ParallelLayout(tp=model.tp, pp=model.pp).dp(args.world_size)}")
     cfg = load_config(args.recipe, overrides)
+    run_dir = Path(cfg.run_dir)
+    hold_run_dir(run_dir)  # before config.yaml is written: a live run's directory is refused, not overwritten
     config_path = write_run_config(cfg)
     if args.prepare:
         print(config_path)
@@ -74,8 +78,11 @@ def train(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.world_size}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "flowrl_megatron.trainer",
            str(config_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           HELD_LOCK_ENV: str(run_dir.resolve())}
+    return run_to_the_end(cmd, env, "flowrl train",
+                          f"Resume with the same command: it continues from the latest checkpoint in {run_dir} "
+                          "(the steps after it are trained again).")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -88,10 +95,10 @@ def serve(args: argparse.Namespace) -> int:
     run = load_config(args.config, check=False)
     cfg = EngineConfig(model=run.model.path, tensor_parallel_size=run.rollout.engine_tp, host=args.host,
                        max_model_len=run.data.max_prompt_tokens + run.rollout.max_response_tokens)
-    env = server_env(cfg)
+    env = server_env(cfg, key)
     if args.gpu_offset is not None:  # this engine's GPUs among the node's
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(args.gpu_offset + i) for i in range(cfg.tensor_parallel_size))
-    cmd = server_command(cfg, args.port, key)
+    cmd = server_command(cfg, args.port)
     os.execve(cmd[0], cmd, env)
 
 

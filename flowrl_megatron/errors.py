@@ -18,5 +18,5 @@ def run_cli(main: Callable[[], object]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; nothing was written to the output.", file=sys.stderr)
+        print("interrupted.", file=sys.stderr)
         sys.exit(130)

@@ -14,6 +14,7 @@ it: evaluation every ``eval.every`` steps, metrics, a checkpoint every ``checkpo
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
 from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed, weight_salt
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
+from flowrl_megatron.runtime.processes import die_with_parent, hold_run_dir_unless_launcher_does
 from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -83,6 +85,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, version = state["step"], state["weight_version"]
             rollout = state.get("rollout") or {"stream": state["data"], "pending": []}  # "data": older checkpoints
+            if self.rank0:
+                print(f"resuming from {resumed} (step {self.step}, weight version {version})", flush=True)
         self.timeline = Timeline()
         self.driver = Driver.start(cfg, self.run_dir, self.timeline) if self.rank0 else None
         if self.driver is not None:
@@ -426,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point under torchrun: ``python -m flowrl_megatron.trainer RUN_DIR/config.yaml``."""
     args = sys.argv[1:] if argv is None else argv
     cfg = load_config(args[0], args[1:])
+    die_with_parent()  # a launcher killed by SIGKILL takes its ranks (and so their engines) with it
+    if int(os.environ.get("RANK", "0")) == 0:
+        hold_run_dir_unless_launcher_does(Path(cfg.run_dir))
     trainer = Trainer(cfg)
     try:
         trainer.run()

@@ -20,6 +20,7 @@ import torch
 
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
 from flowrl_megatron.metrics import read_metrics
+from flowrl_megatron.rollout.auth import KEY_ENV
 from flowrl_megatron.training.batch import Batch, local_rows
 from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
@@ -140,8 +141,10 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     finishes: across the kill each prompt of the data order is trained once or still pending, none lost."""
     run_dir = tmp_path / "async"
     settings = ("rollout.max_staleness=1", "train.steps=6", "eval.every=0")
+    t0 = time.time() - 1
     proc = start(recipe, run_dir, *settings)
     wait_for_steps(proc, run_dir, 3)
+    keys = {engine.environ()[KEY_ENV].encode() for engine in engines_started_after(t0)}
     time.sleep(0.4)
     kill_run(proc)
     assert start(recipe, run_dir, *settings).wait(timeout=600) == 0
@@ -162,6 +165,35 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     plots = subprocess.run([sys.executable, "-m", "flowrl_megatron", "plot", str(run_dir)], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     assert "timeline.png" in {Path(p).name for p in plots}
+    # the engines' key is in no file the run wrote: config, logs, metrics, checkpoints, engine logs
+    written = [f for f in [*run_dir.rglob("*"), run_dir.with_suffix(".log")] if f.is_file()]
+    assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
+
+
+def test_sigterm_ends_every_process_of_the_run_and_a_live_run_dir_is_refused(recipe, tmp_path):
+    """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption): the launcher passes it on,
+    torchrun stops the rank, the engine goes with it; no process of the run is left, and the resumed run loses only
+    the step after the last checkpoint. While the run lives, a second `flowrl train` on its directory is refused
+    and its config.yaml is left as it was."""
+    run_dir = tmp_path / "run"
+    proc = start(recipe, run_dir, "eval.every=0")
+    wait_for_steps(proc, run_dir, 3)  # steps 1-3 trained; the last checkpoint is step 2's
+    config = (run_dir / "config.yaml").read_bytes()
+    second = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
+                             "train.lr=1e-4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by a running flowrl train" in second.stderr, second.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config
+    run = psutil.Process(proc.pid).children(recursive=True)
+    assert any("vllm" in " ".join(p.cmdline()) for p in run) and len(run) >= 5  # torchrun, the rank, the engine's 3
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(run, timeout=60)
+    assert not alive, f"outlived the run: {[p.cmdline()[:4] for p in alive]}"
+    log = run_dir.with_suffix(".log")
+    assert "flowrl train stopped by SIGTERM; every process of the run has ended" in log.read_text()
+    assert start(recipe, run_dir, "eval.every=0").wait(timeout=600) == 0
+    assert "resuming from" in log.read_text().rsplit("stopped by SIGTERM", 1)[1]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import plot_run, read_metrics
+from flowrl_megatron.runtime.processes import run_to_the_end
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}
@@ -73,7 +73,10 @@ def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path
                  f"rollout.max_staleness={max_staleness}"]
     print(f"\n== {label(run_dir.name)}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation notices would drown the progress bar
-    code = subprocess.call([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env=env)
+    code = run_to_the_end([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env,
+                          "flowrl demo", f"Run flowrl demo again to start over (it replaces {out}).")
+    if code > 128:  # stopped by a signal, already reported
+        sys.exit(code)
     if code:
         raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); its engine logs are in "
                         f"{run_dir / 'engine_logs'}.")

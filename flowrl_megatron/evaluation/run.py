@@ -134,7 +134,7 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
     results, samples = {}, {}
     pool = RewardPool(settings.reward, settings.reward_workers, settings.reward_timeout_s)
     try:
-        with EngineGroup(engine, 1, out / "engine_logs").start() as engines:
+        with EngineGroup(engine, 1, out / "engine_logs") as engines:
             client = RolloutClient(engines.urls, engines.api_key)
             for name, problems in suites.items():
                 results[name], samples[name] = evaluate_benchmark(name, problems, prompts[name], client, tokenizer,

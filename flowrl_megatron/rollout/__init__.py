@@ -1,1 +1,1 @@
-"""Rollout: vLLM engine processes, the generation client (and, next, weight sync)."""
+"""Rollout: vLLM engine processes and their key, the generation client, weight sync, the asynchronous producer."""

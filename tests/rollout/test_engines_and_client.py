@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import psutil
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from flowrl_megatron.errors import UserError
+from flowrl_megatron.rollout.auth import PROBES
 from flowrl_megatron.rollout.client import RolloutClient, SamplingConfig
 from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
 
@@ -41,6 +45,55 @@ def test_requires_the_key_and_listens_on_loopback_only(engines):
     port = engines.engines[0].port
     conns = [c for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port]
     assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
+
+
+def served_routes(log_path) -> set[tuple[str, str]]:
+    """(path, method) of every route the server registered, from the route table vLLM prints at startup: the
+    server's real table, so a route a vLLM upgrade adds is covered without editing this test."""
+    routes = set()
+    for line in log_path.read_text(errors="replace").splitlines():
+        if m := re.search(r"Route: (\S+), Methods: (.+)$", line):
+            routes |= {(m[1], method.strip()) for method in m[2].split(",")}
+        elif m := re.search(r"Route: (\S+), Endpoint: ", line):  # WebSocket and mounted apps: probed with GET
+            routes.add((m[1], "GET"))
+    return routes
+
+
+def test_every_route_but_the_probes_requires_the_key(engines):
+    url = engines.engines[0].url
+    routes = served_routes(engines.engines[0].log_path)
+    paths = {path for path, _ in routes}
+    # The control plane RL needs, the unkeyed generation route, the metrics; parsing found the whole table.
+    assert {"/update_weights", "/init_weight_transfer_engine", "/collective_rpc", "/pause", "/sleep",
+            "/invocations", "/metrics", "/v1/completions", "/health"} <= paths and len(routes) >= 40
+    wrong = {"Authorization": "Bearer " + "0" * len(engines.api_key)}
+    open_routes = []
+    for path, method in sorted(routes):
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        for headers in ({}, wrong, {"Authorization": engines.api_key}):  # none, a wrong key, no Bearer scheme
+            status = httpx.request(method, url + concrete, headers=headers, timeout=30).status_code
+            if (status == 401) == (path in PROBES):
+                open_routes.append((method, path, status, bool(headers)))
+    assert not open_routes
+    assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {engines.api_key}"}).status_code == 200
+
+
+def test_the_key_is_on_no_command_line_and_in_no_engine_log(engines):
+    key = engines.api_key.encode()
+    servers = [psutil.Process(e.proc.pid) for e in engines.engines]
+    assert sum(1 + len(p.children(recursive=True)) for p in servers) >= 6  # API server, engine core, worker each
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            assert key not in cmdline.read_bytes(), cmdline
+    logs = list(engines.engines[0].log_path.parent.iterdir())
+    assert logs and all(key not in log.read_bytes() for log in logs)
+
+
+def test_a_started_group_refuses_to_start_again(engines):
+    before = [e.proc.pid for e in engines.engines]
+    with pytest.raises(RuntimeError, match="already started"):
+        engines.start()
+    assert [e.proc.pid for e in engines.engines] == before and all(e.healthy() for e in engines.engines)
 
 
 def test_every_sample_once_balanced_and_seeded(client):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from flowrl_megatron.conversion.hf_io import HF_SUBDIR, copy_side_files
 from flowrl_megatron.files import write_text_atomic
@@ -35,6 +38,7 @@ def save_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
 
 
 LATEST = "latest"  # a file naming the newest complete checkpoint; it moves last
+MANIFEST = "manifest.json"  # every file of a checkpoint and its size, written last before the rename
 
 
 def _rng_state() -> dict:
@@ -55,12 +59,73 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; nothing of it was kept and the previous one is intact."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (a file missing or of another size than the save wrote: a disk that
+    failed after the save, a copy cut short), or None. Checkpoints from before manifests existed are taken as they
+    are: a save that did not finish never reaches its final name."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        want = json.loads(manifest.read_text())
+    except ValueError:
+        return f"its {MANIFEST} is unreadable"
+    have = _file_sizes(path)
+    for name, size in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name] != size:
+            return f"{name} has {have[name]} bytes where {size} were written"
+    return None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    pointer = Path(root) / LATEST
+    """The checkpoint to resume from: the one ``latest`` names if it is complete, else the newest older complete
+    one, with a warning on stderr that names the damaged one and why. Falling back (instead of stopping) loses the
+    steps since that checkpoint, but a preempted job that is requeued again and again can still resume, and
+    ``checkpoint.keep`` (default 2) keeps one to fall back to. None when there is no checkpoint; an error naming
+    what is damaged, and what to do, when none is complete."""
+    root = Path(root)
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    named = root / pointer.read_text().strip()
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name < named.name), reverse=True)
+    damaged = []
+    for path in ([named] if named.is_dir() else []) + older:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                print(f"warning: checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); resuming from {path} "
+                      "instead.", file=sys.stderr, flush=True)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointWriteError(f"no complete checkpoint in {root}: {damaged[0][0].name} is damaged "
+                                   f"({damaged[0][1]}); restore it from a copy, or move {root} away to start over.")
+    return None
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+
+
+def _root_cause(error: BaseException) -> str:
+    """The operating system's reason behind a failed write (``No space left on device``), which libraries wrap in
+    messages of their own ("unexpected pos 704 vs 598", "CheckpointException ranks:dict_keys([0])")."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        if found := re.search(r"\[Errno \d+\] ([^\n'\"]+)", str(seen)):  # raised in a writer process, as text
+            return found[1].strip()
+        seen = seen.__cause__ or seen.__context__
+    return str(error).splitlines()[0]
 
 
 def save_training_state(root: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
@@ -76,20 +141,30 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.partial"
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    sharded = model.sharded_state_dict()
-    dist_checkpointing.save({"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded)}, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        if hf_side is not None:
-            (tmp / HF_SUBDIR).mkdir()
-            copy_side_files(Path(hf_side), tmp / HF_SUBDIR)
-    dist.barrier()
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        sharded = model.sharded_state_dict()
+        dist_checkpointing.save({"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded)}, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            if hf_side is not None:
+                (tmp / HF_SUBDIR).mkdir()
+                copy_side_files(Path(hf_side), tmp / HF_SUBDIR)
+        dist.barrier()
+        if rank == 0:  # last: what a complete checkpoint holds, checked before it is resumed from
+            (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=0))
+    except (Exception, CheckpointException) as e:  # the latter is not an Exception
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {_root_cause(e)}; nothing of it was kept "
+                                   f"and {kept}. Free space under {root} (or lower checkpoint.keep) and resume.") from e
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -95,6 +95,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 10  # optimizer steps
     grad_clip: float = 1.0
+    # An update whose loss or gradient is not finite is skipped (counted in optim/skipped_updates); at this many
+    # in a row the run stops.
+    stop_after_nonfinite: int = 3
     seed: int = 1
     recompute: Literal["none", "full"] = "none"  # full: keep each layer's input only, recompute the rest
     # Shard the Adam state over data-parallel ranks. Refused for now: megatron-core 0.16.1 cannot save it in its
@@ -262,6 +265,7 @@ def validate(cfg: RunConfig) -> None:
     for name, value in (("model.tp", m.tp), ("model.pp", m.pp), ("dp", cfg.dp), ("rollout.engines", ro.engines),
                         ("rollout.engine_tp", ro.engine_tp), ("train.steps", t.steps), ("reward.workers", r.workers),
                         ("train.micro_batch_size", t.micro_batch_size), ("train.epochs", t.epochs),
+                        ("train.stop_after_nonfinite", t.stop_after_nonfinite),
                         ("rollout.max_response_tokens", ro.max_response_tokens)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}.")

@@ -44,6 +44,7 @@ from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdow
 from flowrl_megatron.runtime.processes import die_with_parent, hold_run_dir_unless_launcher_does
 from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
+from flowrl_megatron.training.nonfinite import NonFiniteGuard
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
 from flowrl_megatron.training.step import forward_backward, forward_logprobs, reduce_stats
 
@@ -78,6 +79,7 @@ class Trainer:
                                       packed=t.pack_sequences and takes_packed_sequences(cfg.model.attention))
         self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
                                             total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
+        self.nonfinite = NonFiniteGuard(t.stop_after_nonfinite)
         self.step, version, rollout = 0, 0, {"stream": {"epoch": 0, "offset": 0}, "pending": []}
         resumed = latest_checkpoint(self.run_dir / "checkpoints")
         if resumed is not None:
@@ -181,7 +183,7 @@ class Trainer:
                 local.old_logprobs = forward_logprobs([self.ddp], local, **kw)
         totals: dict[str, float] = {}
         grad_norms = []
-        mismatch = None
+        mismatch, skipped = None, 0
         with timer("update"):
             for epoch in range(t.epochs):
                 for k in range(self.minis):
@@ -196,9 +198,12 @@ class Trainer:
                                              groups=t.mini_batch_prompts if algo.needs_log_z else 0)
                     if first:
                         mismatch = self._check_rollout_mismatch(stats)
-                    _, grad_norm, _ = self.optimizer.step()
-                    self.scheduler.step(increment=1)
-                    grad_norms.append(float(grad_norm or 0.0))
+                    if self.nonfinite.check(stats, [self.ddp], self.step + 1):
+                        _, grad_norm, _ = self.optimizer.step()
+                        self.scheduler.step(increment=1)
+                        grad_norms.append(float(grad_norm or 0.0))
+                    else:
+                        skipped += 1
                     for name, v in stats.items():
                         totals[name] = totals.get(name, 0.0) + v / (self.minis * t.epochs)
         with timer("sync"):
@@ -212,7 +217,8 @@ class Trainer:
         if self.rollout_log is not None:
             self.rollout_log.append(self.step, {"trained": [[g.order, g.prompt.row, g.first_version, g.last_version]
                                                             for g in rollouts.groups], "dropped": rollouts.dropped})
-        return {**self._step_metrics(full, rollouts, totals, mismatch, grad_norms, version), **probe}
+        return {**self._step_metrics(full, rollouts, totals, mismatch, grad_norms, version), **probe,
+                "optim/skipped_updates": float(skipped)}
 
     def _check_rollout_mismatch(self, stats: dict[str, float]) -> Mismatch | None:
         """The engines' log-probs against the trainer's, before any update, on the samples these weights sampled
@@ -285,7 +291,7 @@ class Trainer:
             "rollout/across_updates": (full.last_version > full.first_version).float().mean().item(),
             "rollout/dropped_stale": float(rollouts.dropped.get("stale", 0)),
             "optim/lr": self.optimizer.param_groups[0]["lr"],
-            "optim/grad_norm": sum(grad_norms) / len(grad_norms),
+            "optim/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             "weights/version": float(self.sync.version),
             "count/response_tokens": lengths.sum().item(),
         }

@@ -8,10 +8,12 @@ starts processes with spawn.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flowrl_megatron.conversion.hf_io import HF_SUBDIR, copy_side_files
 from flowrl_megatron.files import write_text_atomic
+from flowrl_megatron.processes import die_with_parent
 
 
 def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path, new_prefixes: tuple[str, ...] = ()) -> None:
@@ -128,6 +131,23 @@ def _root_cause(error: BaseException) -> str:
     return str(error).splitlines()[0]
 
 
+def _writer_results_queue_that_dies_with_us() -> None:
+    """megatron-core's checkpoint writer returns its results through a multiprocessing Manager that it starts on the
+    first save and keeps for the life of the process (``filesystem_async._results_queue``); a trainer killed with
+    SIGKILL would leave that server process running forever. Start it here instead, with the parent-death signal."""
+    global _writer_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _writer_manager is not None or filesystem_async._results_queue is not None:
+        return
+    _writer_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _writer_manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = _writer_manager.Queue()
+
+
+_writer_manager: SyncManager | None = None
+
+
 def save_training_state(root: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
                         keep: int, hf_side: str | Path | None = None) -> Path:
     """Policy (with Z head) and optimizer through dist_checkpointing, this rank's RNG states, and ``state``
@@ -141,6 +161,7 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.partial"
     rank = dist.get_rank()
+    _writer_results_queue_that_dies_with_us()
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save

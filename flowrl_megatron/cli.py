@@ -59,8 +59,8 @@ def train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flowrl_megatron.config import load_config, write_run_config
+    from flowrl_megatron.processes import HELD_LOCK_ENV, hold_run_dir, run_to_the_end
     from flowrl_megatron.runtime.distributed import free_port
-    from flowrl_megatron.runtime.processes import HELD_LOCK_ENV, hold_run_dir, run_to_the_end
 
     overrides = list(args.overrides)
     if args.world_size:  # the data-parallel size that fills a launcher's ranks

@@ -36,12 +36,12 @@ from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
+from flowrl_megatron.processes import die_with_parent, hold_run_dir_unless_launcher_does
 from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
 from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed, weight_salt
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
-from flowrl_megatron.runtime.processes import die_with_parent, hold_run_dir_unless_launcher_does
 from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
 from flowrl_megatron.training.nonfinite import NonFiniteGuard

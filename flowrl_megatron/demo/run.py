@@ -21,7 +21,7 @@ from pathlib import Path
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import plot_run, read_metrics
-from flowrl_megatron.runtime.processes import run_to_the_end
+from flowrl_megatron.processes import run_to_the_end
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}

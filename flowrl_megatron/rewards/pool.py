@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from flowrl_megatron.processes import die_with_parent
+
 
 class _Timeout(Exception):
     pass
@@ -70,8 +72,12 @@ class RewardPool:
     def __init__(self, name: str, workers: int, timeout_s: float) -> None:
         self.name, self.workers, self.timeout_s = name, workers, timeout_s
         self._ctx = multiprocessing.get_context("spawn")  # the trainer process has threads; no fork
-        self._pool = self._ctx.Pool(workers)
+        self._pool = self._new_pool()
         self._turn = threading.Lock()  # a pool replaced by one call's deadline must not end another call's jobs
+
+    def _new_pool(self):
+        """Workers that end with the trainer, even when it is killed with SIGKILL (they would score on forever)."""
+        return self._ctx.Pool(self.workers, initializer=die_with_parent)
 
     def score(self, responses: list[str], answers: list[str]) -> Scores:
         with self._turn:
@@ -91,7 +97,7 @@ class RewardPool:
                 break
         if len(results) < len(jobs):  # a worker no signal could stop: replace the pool
             self._pool.terminate()
-            self._pool = self._ctx.Pool(self.workers)
+            self._pool = self._new_pool()
             results += [(0.0, "timeout", None)] * (len(jobs) - len(results))
         return Scores([r for r, _, _ in results], [s for _, s, _ in results], [f for _, _, f in results])
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from flowrl_megatron.errors import UserError
+from flowrl_megatron.processes import die_with_parent
 from flowrl_megatron.rollout.auth import KEY_ENV, RequireKey
 from flowrl_megatron.runtime.distributed import free_port
-from flowrl_megatron.runtime.processes import die_with_parent
 
 
 def default_weight_transfer_backend() -> str:

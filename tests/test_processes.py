@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from flowrl_megatron.errors import UserError
-from flowrl_megatron.runtime.processes import HELD_LOCK_ENV, hold_run_dir, hold_run_dir_unless_launcher_does
+from flowrl_megatron.processes import HELD_LOCK_ENV, hold_run_dir, hold_run_dir_unless_launcher_does
 
-HOLD = "import sys, time; from pathlib import Path; from flowrl_megatron.runtime.processes import hold_run_dir; " \
+HOLD = "import sys, time; from pathlib import Path; from flowrl_megatron.processes import hold_run_dir; " \
        "hold_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
 
 

@@ -123,8 +123,6 @@ class Engine:
         return f"http://{self.cfg.host}:{self.port}"
 
     def start(self) -> None:
-        if self.proc is not None:  # a second server on the same port would orphan the first
-            raise RuntimeError(f"engine {self.index} was already started; an engine starts once (restart replaces it).")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(server_command(self.cfg, self.port), stdout=log, stderr=subprocess.STDOUT,
@@ -201,7 +199,9 @@ class EngineGroup:
         return [e.url for e in self.engines]
 
     def start(self) -> EngineGroup:
-        if any(e.proc is not None for e in self.engines):  # refused before anything is touched: the group runs on
+        # A second start would put new servers on the ports of the running ones and orphan those; refused before
+        # anything is touched, so the running group carries on (``restart`` replaces one engine).
+        if any(e.proc is not None for e in self.engines):
             raise RuntimeError("this engine group was already started; it starts once (``with`` starts it).")
         try:
             for engine in self.engines:

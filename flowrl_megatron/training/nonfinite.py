@@ -16,15 +16,19 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite updates in a row."""
 
 
+def _gradient(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """Megatron's DDP accumulates into ``main_grad``; a plain module into ``grad``."""
+    main = getattr(param, "main_grad", None)
+    return main if main is not None else param.grad
+
+
 def first_nonfinite(stats: dict[str, float], model_chunks: list) -> str | None:
     """The first non-finite quantity of an update, the same answer on every rank: a loss statistic by name (they are
     global already), else ``"gradient"`` when any rank's gradient shard holds a NaN or an infinity."""
     for name, value in stats.items():
         if not math.isfinite(value):
             return name
-    grads = [g for chunk in model_chunks for p in chunk.parameters()
-             if (g := getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad)
-             is not None]
+    grads = [g for chunk in model_chunks for p in chunk.parameters() if (g := _gradient(p)) is not None]
     bad = torch.zeros(1, device=device())
     if grads:
         bad[0] = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any().float()

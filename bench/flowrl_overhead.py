@@ -86,10 +86,9 @@ def output_layer_share(arch) -> float:
 def step_times(repeats: int, seq_len: int, batch: int) -> dict[str, list[float]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.arch import ModelArch
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching

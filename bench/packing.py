@@ -73,10 +73,9 @@ def main() -> None:
                    help="model.attention (default: transformer-engine where usable, else megatron-core's local)")
     args = p.parse_args()
 
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.arch import ModelArch
     from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.micro_batches import MicroBatching, micro_batches, padding_fraction
     from flowrl_megatron.training.parallel import wrap_ddp

@@ -110,8 +110,8 @@ class Toy:
         self.rewards = rewards_of(self.responses)
 
     def build(self, z_head: bool):
+        from flowrl_megatron.config import ZHeadConfig
         from flowrl_megatron.models.gpt import build_gpt_model
-        from flowrl_megatron.models.z_head import ZHeadConfig
         from flowrl_megatron.training.parallel import wrap_ddp
 
         model = build_gpt_model(self.arch, z_head=ZHeadConfig() if z_head else None, calculate_per_token_loss=True)
@@ -161,7 +161,8 @@ class Toy:
 
     def train(self, algorithm: str, ref_state: dict, ref_tok: torch.Tensor, steps: int, samples: int, lr: float,
               seed: int, normalization: str | None = None, z_lr_mult: float = 1.0) -> torch.Tensor:
-        from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+        from flowrl_megatron.algorithms.losses import normalize_rewards
+        from flowrl_megatron.config import AlgorithmConfig
         from flowrl_megatron.training.micro_batches import MicroBatching
         from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer
         from flowrl_megatron.training.step import forward_backward

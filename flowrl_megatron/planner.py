@@ -124,6 +124,7 @@ class Plan:
     sequences_per_engine: float
     gpu_gib: float
     n: int
+    recompute: str
 
     @property
     def trainer_total(self) -> float:
@@ -133,9 +134,10 @@ class Plan:
         out = []
         if self.trainer_total > self.gpu_gib * GIB:
             largest = max(self.trainer, key=lambda line: line.bytes)
+            recompute = "" if self.recompute == "full" else " set train.recompute=full,"
             out.append(f"a trainer rank needs {self.trainer_total / GIB:.1f} GiB of a {self.gpu_gib:.0f} GiB GPU "
-                       f"(largest: {largest.name}, {largest.bytes / GIB:.1f} GiB); raise model.tp or model.pp, set "
-                       "train.recompute=full, or lower train.micro_batch_size (or max_tokens_per_micro_batch).")
+                       f"(largest: {largest.name}, {largest.bytes / GIB:.1f} GiB); raise model.tp or model.pp,"
+                       f"{recompute} or lower train.micro_batch_size (or max_tokens_per_micro_batch).")
         if self.sequences_per_engine < self.n:
             out.append(f"a rollout engine's KV cache holds {self.sequences_per_engine:.1f} full-length sequences, "
                        f"fewer than one prompt's rollout.n={self.n}; raise rollout.engine_tp or shorten "
@@ -155,4 +157,4 @@ class Plan:
 def plan(cfg: RunConfig, arch: ModelArch, gpu_gib: float = 80.0, attention: str = "flash") -> Plan:
     """``attention``: "flash" (transformer-engine on GPU) or "unfused" (the local layer spec)."""
     engine, capacity = engine_lines(cfg, arch, gpu_gib)
-    return Plan(trainer_lines(cfg, arch, attention), engine, capacity, gpu_gib, cfg.rollout.n)
+    return Plan(trainer_lines(cfg, arch, attention), engine, capacity, gpu_gib, cfg.rollout.n, cfg.train.recompute)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flowrl_megatron.errors import UserError
+from flowrl_megatron.files import make_dir
 
 LOCK_FILE = ".lock"
 # Set by `flowrl train` for the processes it launches: the run directory whose lock the launcher already holds.
@@ -28,7 +29,7 @@ def hold_run_dir(run_dir: Path) -> int:
     """An exclusive lock on ``run_dir`` for the life of this process (the kernel drops it when the process ends,
     also by kill -9), so a second run on the same directory is refused instead of racing the first. The file
     descriptor, kept open on purpose."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir, "run_dir")
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,6 +31,7 @@ from flowrl_megatron.checkpoint import (
 )
 from flowrl_megatron.cli import describe, format_eval
 from flowrl_megatron.config import RunConfig, load_config
+from flowrl_megatron.errors import run_cli
 from flowrl_megatron.evaluation.metrics import group_metrics
 from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, format_breakdown
@@ -435,15 +436,19 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     """Entry point under torchrun: ``python -m flowrl_megatron.trainer RUN_DIR/config.yaml``."""
     args = sys.argv[1:] if argv is None else argv
-    cfg = load_config(args[0], args[1:])
-    die_with_parent()  # a launcher killed by SIGKILL takes its ranks (and so their engines) with it
-    if int(os.environ.get("RANK", "0")) == 0:
-        hold_run_dir_unless_launcher_does(Path(cfg.run_dir))
-    trainer = Trainer(cfg)
-    try:
-        trainer.run()
-    finally:
-        shutdown()
+
+    def train() -> None:
+        cfg = load_config(args[0], args[1:])
+        die_with_parent()  # a launcher killed by SIGKILL takes its ranks (and so their engines) with it
+        if int(os.environ.get("RANK", "0")) == 0:
+            hold_run_dir_unless_launcher_does(Path(cfg.run_dir))
+        trainer = Trainer(cfg)
+        try:
+            trainer.run()
+        finally:
+            shutdown()
+
+    run_cli(train)  # a bad input found by a rank (one launched without `flowrl train`): one sentence, exit 2
 
 
 if __name__ == "__main__":

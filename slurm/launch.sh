@@ -71,7 +71,7 @@ srun "${CONTAINER_ARGS[@]}" "${OVERLAP[@]}" --nodes=${#ROLLOUT[@]} --nodelist="$
 ROLLOUT_PID=$!
 srun "${CONTAINER_ARGS[@]}" "${OVERLAP[@]}" --nodes=${#TRAINER[@]} --nodelist="$(join "${TRAINER[@]}")" \
     --ntasks-per-node=1 --kill-on-bad-exit=1 --output="$LOG_DIR/trainer-%N.log" \
-    "$FLOWRL_PYTHON" -m torch.distributed.run --nnodes=${#TRAINER[@]} --nproc-per-node="$PROCS_PER_NODE" \
+    "$FLOWRL_PYTHON" -m flowrl_megatron.runtime.torchrun --nnodes=${#TRAINER[@]} --nproc-per-node="$PROCS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="${TRAINER[0]}:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     -m flowrl_megatron.trainer "$CONFIG" &
 TRAINER_PID=$!

@@ -61,6 +61,8 @@ def test_the_32b_recipe_fits_and_a_bad_layout_is_refused():
     bad = flowrl_plan("model.tp=4", "model.pp=1")
     assert bad.returncode == 1
     assert "does not fit: a trainer rank needs 165.7 GiB of a 80 GiB GPU (largest: optimizer, 91.5 GiB)" in bad.stderr
+    assert "train.recompute=full" not in bad.stderr  # the recipe sets it already: not a hint
+    assert "set train.recompute=full" in flowrl_plan("model.tp=4", "model.pp=1", "train.recompute=none").stderr
     long = flowrl_plan("rollout.engine_tp=1", "rollout.max_response_tokens=120000")
     assert long.returncode == 1 and "a rollout engine's KV cache holds" in long.stderr
 
@@ -78,9 +80,8 @@ def measure_memory(path: str, seq: int, rows: int) -> dict:
     forward-backward of ``rows`` sequences of ``seq`` tokens, in this fresh process."""
     import torch
 
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching

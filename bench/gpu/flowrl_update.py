@@ -88,9 +88,8 @@ def timed(fn, steps: int) -> float:
 def measure(attention: str, args, peak_tflops: float) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import device
     from flowrl_megatron.training.batch import Batch
     from flowrl_megatron.training.micro_batches import MicroBatching

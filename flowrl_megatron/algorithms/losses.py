@@ -22,40 +22,11 @@ on top of PPO's clip).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
-
-Algorithm = Literal["flowrl", "grpo", "reinforce_pp"]
-ImportanceWeight = Literal["clip", "cap", "none", "mask"]
-RewardNormalization = Literal["group", "batch", "none"]
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    name: Algorithm = "flowrl"
-    beta: float = 15.0  # FlowRL reward temperature (paper's best; the authors' code hard-codes 15)
-    # paper: clip; authors' current code: cap; at publication: none; mask: clip, and sequences whose per-token
-    # geometric-mean ratio leaves [1 - mask_eps, 1 + mask_eps] get weight 0 (also GRPO / REINFORCE++)
-    importance_weight: ImportanceWeight = "clip"
-    clip_eps: float = 0.2
-    weight_cap: float = 10.0
-    mask_eps: float = 0.1
-    # None = the algorithm's own: group for FlowRL and GRPO, batch for REINFORCE++.
-    reward_normalization: RewardNormalization | None = None
-    kl_coef: float = 0.0  # GRPO / REINFORCE++ only: k3 KL-to-reference penalty per token
-
-    @property
-    def normalization(self) -> RewardNormalization:
-        if self.reward_normalization is not None:
-            return self.reward_normalization
-        return "batch" if self.name == "reinforce_pp" else "group"
-
-    @property
-    def needs_log_z(self) -> bool:
-        return self.name == "flowrl"
+from flowrl_megatron.config import AlgorithmConfig
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from flowrl_megatron.errors import UserError
+
+# dcp says it assumes one process when there is no process group: that is what no_dist=True below asks for.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning, module=r"torch\.distributed\.checkpoint")
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",

@@ -6,12 +6,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from flowrl_megatron.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,7 +34,10 @@ SIDE_FILES = (
 
 
 class HFReader:
-    """Reads named tensors from a single or index-sharded safetensors checkpoint, lazily."""
+    """Reads named tensors from a single or index-sharded safetensors checkpoint, lazily.
+
+    Opening checks every file's header (a truncated or foreign file is refused here, in one sentence), without
+    torch: the driver checks a run's weights with it before any rank starts."""
 
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
@@ -45,7 +50,7 @@ class HFReader:
                     f"{index} is not a valid safetensors index ({e}); restore it from the model source."
                 ) from e
         elif (self.dir / SINGLE_NAME).is_file():
-            self.weight_map = {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
+            self.weight_map = {name: SINGLE_NAME for name in self._open(SINGLE_NAME, "numpy").keys()}
         else:
             raise UserError(
                 f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}; point --input at a Hugging Face "
@@ -54,11 +59,12 @@ class HFReader:
         for file in sorted(set(self.weight_map.values())):
             if not (self.dir / file).is_file():
                 raise UserError(f"{self.dir / file} listed in {INDEX_NAME} is missing; download the complete model.")
+            self._open(file, "numpy")
 
-    def _open(self, file: str):
+    def _open(self, file: str, framework: str = "pt"):
         path = self.dir / file
         try:
-            return safe_open(str(path), framework="pt")
+            return safe_open(str(path), framework=framework)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e}); re-download it.") from e
 
@@ -110,6 +116,8 @@ class HFShardWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
+        from safetensors.torch import save_file
+
         tmp_name = f"shard-{len(self._files):05d}.tmp"
         save_file(self._shard, str(self.dir / tmp_name), metadata={"format": "pt"})
         self._files.append((tmp_name, list(self._shard)))

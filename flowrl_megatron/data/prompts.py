@@ -1,15 +1,15 @@
 """Training prompts: files through ``datasets``, prompt templates, length filtering, a resumable order.
 
-Everything here runs on the driver (trainer rank 0).
+Everything here runs on the driver (trainer rank 0); ``read_rows`` also in ``flowrl train`` before any rank
+starts, which is why torch is imported only where an order is drawn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from flowrl_megatron.config import DataConfig
 from flowrl_megatron.errors import UserError
@@ -26,10 +26,14 @@ class Prompt:
     answer: str
 
 
-def _read(path: Path):
+def read_table(path: Path):
+    """A data file (or a saved dataset directory) as a ``datasets`` table; what cannot be read is one sentence."""
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot parse: our sentence says why
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path} has no rows; give a file with at least one row.")
     try:
         if path.is_dir():
             return datasets.load_from_disk(str(path))
@@ -41,6 +45,8 @@ def _read(path: Path):
     except UserError:
         raise
     except Exception as e:
+        while e.__cause__ is not None:  # datasets wraps the parser's own error, which says what is wrong
+            e = e.__cause__
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} could not be read as a dataset: {first}") from None
 
@@ -75,30 +81,44 @@ class PromptSet:
     too_long: int  # filtered out: longer than max_prompt_tokens
 
 
-def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
-    prompts: list[Prompt] = []
-    too_long = 0
-    row_base = 0
+def read_rows(cfg: DataConfig) -> Iterator[tuple[str, int, Any, str]]:
+    """(file, row, prompt, answer) of every row of ``cfg.train_files``, each row's fields checked: a problem is
+    one sentence naming the file, the row and the field."""
     for file in cfg.train_files:
-        table = _read(Path(file))
+        table = read_table(Path(file))
+        if len(table) == 0:
+            raise UserError(f"{file} has no rows; list a file with prompts in data.train_files.")
         for i, row in enumerate(table):
             text, answer = _field(row, cfg.prompt_key), _field(row, cfg.answer_key)
             where = f"{file} row {i}"
             if not isinstance(text, str | list) or not text:
                 raise UserError(f"{where}: field {cfg.prompt_key!r} is missing or not text (got {text!r:.80}); "
                                 "set data.prompt_key to the prompt column.")
+            if isinstance(text, list) and not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                  for m in text):
+                raise UserError(f"{where}: field {cfg.prompt_key!r} is a list but not of chat messages "
+                                "({'role': ..., 'content': text}); give text or messages.")
+            if cfg.template == "raw" and not isinstance(text, str):
+                raise UserError(f"{where}: data.template=raw needs a text prompt, got chat messages; use "
+                                "data.template=chat.")
             if answer is None:
                 raise UserError(f"{where}: field {cfg.answer_key!r} is missing; set data.answer_key to the answer "
                                 "column.")
-            try:
-                ids = render(text, cfg.template, tokenizer)
-            except (ValueError, TypeError, KeyError) as e:
-                raise UserError(f"{where}: the prompt does not fit template {cfg.template!r}: {e}") from None
-            if len(ids) > cfg.max_prompt_tokens:
-                too_long += 1
-                continue
-            prompts.append(Prompt(row_base + i, ids, str(answer)))
-        row_base += len(table)
+            yield file, i, text, str(answer)
+
+
+def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
+    prompts: list[Prompt] = []
+    too_long = 0
+    for row, (file, i, text, answer) in enumerate(read_rows(cfg)):
+        try:
+            ids = render(text, cfg.template, tokenizer)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{file} row {i}: the prompt does not fit template {cfg.template!r}: {e}") from None
+        if len(ids) > cfg.max_prompt_tokens:
+            too_long += 1
+            continue
+        prompts.append(Prompt(row, ids, answer))
     if not prompts:
         raise UserError(f"no usable prompts in {cfg.train_files} ({too_long} longer than data.max_prompt_tokens="
                         f"{cfg.max_prompt_tokens}).")
@@ -118,6 +138,8 @@ class PromptStream:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
+        import torch
+
         if not self.shuffle:
             return list(range(self.count))
         return torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()

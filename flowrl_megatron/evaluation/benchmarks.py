@@ -58,11 +58,9 @@ def resolve(spec: str, data_dir: Path) -> Path:
 
 
 def load_benchmark(path: Path, limit: int = 0) -> list[Problem]:
-    import datasets
+    from flowrl_megatron.data.prompts import read_table
 
-    datasets.disable_progress_bars()
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    table = read_table(path)
     problems = []
     for i, row in enumerate(table):
         if not row.get("problem"):

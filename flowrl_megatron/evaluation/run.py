@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flowrl_megatron.errors import UserError
-from flowrl_megatron.files import write_text_atomic
+from flowrl_megatron.files import make_dir, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ def plot_pass_at_k(results: dict[str, dict], path: Path) -> Path:
 def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, settings: EvalSettings) -> dict[str, dict]:
     from transformers import AutoTokenizer
 
+    from flowrl_megatron.conversion.hf_io import HFReader
     from flowrl_megatron.data.prompts import render
     from flowrl_megatron.evaluation.benchmarks import load_benchmark, resolve
     from flowrl_megatron.models.arch import load_arch
@@ -120,8 +121,9 @@ def run_eval(model: Path, benchmarks: list[str], data_dir: Path, out: Path, sett
     if settings.reward not in REWARDS:
         raise UserError(f"--reward {settings.reward!r} is unknown; use one of {', '.join(sorted(REWARDS))}.")
     suites = {Path(b).stem: load_benchmark(resolve(b, data_dir), settings.limit) for b in benchmarks}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     served = hf_model(model, out)
+    HFReader(served)  # the weights' headers, before an engine starts on them
     tokenizer = AutoTokenizer.from_pretrained(served)
     prompts = {name: [render(p.problem, settings.template, tokenizer) for p in ps] for name, ps in suites.items()}
     longest = max(len(ids) for ps in prompts.values() for ids in ps)

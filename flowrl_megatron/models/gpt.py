@@ -11,9 +11,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 
+from flowrl_megatron.config import ZHeadConfig
 from flowrl_megatron.models.arch import ModelArch
 from flowrl_megatron.models.policy import PolicyModel
-from flowrl_megatron.models.z_head import ZHeadConfig
 
 
 def transformer_engine_available() -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from flowrl_megatron.models.z_head import ZHead, ZHeadConfig, mean_pool
+from flowrl_megatron.config import ZHeadConfig
+from flowrl_megatron.models.z_head import ZHead, mean_pool
 
 
 class PolicyModel(GPTModel):

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ZHeadConfig:
-    # paper: Linear-GELU-Linear-GELU-Linear. authors: each hidden block also has LayerNorm and Dropout(0.1).
-    variant: Literal["paper", "authors"] = "paper"
-    dropout: float = 0.1
-    # The authors' code lets the Z loss reach the LLM through the pooled states (detaching lowered accuracy).
-    detach_input: bool = False
-    lr_mult: float = 1.0
-    init_seed: int = 4321
+from flowrl_megatron.config import ZHeadConfig
 
 
 class ZHead(nn.Module):

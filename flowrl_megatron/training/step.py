@@ -15,7 +15,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from flowrl_megatron.algorithms.logprobs import megatron_logprobs
-from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
+from flowrl_megatron.algorithms.losses import LossInputs, policy_loss
+from flowrl_megatron.config import AlgorithmConfig
 from flowrl_megatron.runtime import device
 from flowrl_megatron.training.batch import Batch
 from flowrl_megatron.training.micro_batches import MicroBatch, MicroBatching, micro_batches

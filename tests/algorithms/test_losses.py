@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
-from flowrl_megatron.algorithms.losses import AlgorithmConfig, LossInputs, policy_loss
+from flowrl_megatron.algorithms.losses import LossInputs, policy_loss
+from flowrl_megatron.config import AlgorithmConfig
 
 
 def random_inputs(seed: int = 0, b: int = 6, s: int = 9) -> LossInputs:

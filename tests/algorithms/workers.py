@@ -58,7 +58,8 @@ def compare_with_reference(tp: int = 1, chunk_tokens: int = 4, temperature: floa
 
 def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: int = 4, seed: int = 0):
     """Prompt + response rows with uneven lengths, right-padded; rewards in groups of ``group_size``."""
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig, normalize_rewards
+    from flowrl_megatron.algorithms.losses import normalize_rewards
+    from flowrl_megatron.config import AlgorithmConfig
     from flowrl_megatron.training.batch import Batch
 
     g = torch.Generator().manual_seed(seed)
@@ -105,11 +106,10 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
                        recompute: bool) -> dict:
     from megatron.core import parallel_state
 
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
     from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.conversion.gather import gather_hf_state
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
     from flowrl_megatron.training.parallel import wrap_ddp
     from flowrl_megatron.training.step import forward_backward, forward_logprobs

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowrl_megatron.config import ZHeadConfig
 from flowrl_megatron.conversion.convert import hf_to_megatron
-from flowrl_megatron.models.z_head import ZHead, ZHeadConfig, mean_pool
+from flowrl_megatron.models.z_head import ZHead, mean_pool
 from tests.distributed import run_distributed
 
 TOKENS = [[5, 17, 99, 3, 250, 999, 42, 7, 0, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]

@@ -95,9 +95,9 @@ def policy_log_z(ckpt: str, tp: int, pp: int, tokens: list[list[int]], prompt_le
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.config import ZHeadConfig
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
@@ -131,9 +131,9 @@ def policy_checkpoint_round_trip(ckpt: str, saved: str, tp: int, pp: int, save: 
     import torch.distributed as dist
 
     from flowrl_megatron.checkpoint import load_model_weights, save_model_weights
+    from flowrl_megatron.config import ZHeadConfig
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))

@@ -71,11 +71,10 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
 def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: list[int], api_key: str,
                     train_step: bool) -> dict:
     """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
-    from flowrl_megatron.algorithms.losses import AlgorithmConfig
     from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.rollout.client import RolloutClient
     from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel

@@ -8,9 +8,9 @@ from pathlib import Path
 def z_head_learning_rates(ckpt: str, lr_mult: float) -> dict:
     """Learning rates of the optimizer's param groups after warm-up, split by Z head / rest."""
     from flowrl_megatron.checkpoint import load_model_weights
+    from flowrl_megatron.config import ZHeadConfig
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.z_head import ZHeadConfig
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
     from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
 

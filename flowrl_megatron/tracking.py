@@ -15,6 +15,7 @@ import json
 import netrc
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,7 +80,7 @@ class WandB:
         lg = cfg.logging
         self.state = state.setdefault(self.name, {})
         resumed = "run_id" in self.state
-        self.state.setdefault("run_id", wandb.util.generate_id())
+        self.state.setdefault("run_id", uuid.uuid4().hex[:8])
         self.state.setdefault("logged_through", -1)
         self.run = wandb.init(project=lg.project, entity=lg.wandb_entity or None, name=run_name(cfg),
                               group=lg.group or None, tags=list(lg.tags) or None, config=to_dict(cfg),
@@ -117,8 +118,12 @@ class MLflow:
     name = "mlflow"
 
     def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
+        import logging
+
         from mlflow import MlflowClient
 
+        for name in ("mlflow.store.db.utils", "alembic"):  # the SQLite store's table creation, at every new store
+            logging.getLogger(name).setLevel(logging.WARNING)
         lg = cfg.logging
         self.client = MlflowClient(mlflow_uri(cfg))
         self.state = state.setdefault(self.name, {})

@@ -110,6 +110,10 @@ CASES = [
     ('{T} rollout.max_response_tokens=1000', "exceeds the model's max_position_embeddings (512)"),
     ('{T} eval.every=5', 'eval.every is set but eval.files is empty'),
     ('{T} train.distributed_optimizer=true', 'train.distributed_optimizer=true is not supported yet'),
+    ('{T} logging.backends=[jsonl,comet]', "logging.backends[1] must be one of ['jsonl', 'tensorboard', 'wandb'"),
+    ('{T} logging.backends=[tensorboard]', "logging.backends=['tensorboard'] must list jsonl"),
+    ('{T} logging.backends=[jsonl,mlflow] logging.mlflow_tracking_uri=nosuch://host',
+     "logging.mlflow_tracking_uri 'nosuch://host' does not answer"),
     # recipes
     ('train {root}/nope.yaml --prepare', 'nope.yaml does not exist'),
     ('train {root}/bad.yaml --prepare', 'is not valid YAML'),

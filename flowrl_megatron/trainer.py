@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -111,18 +110,10 @@ class Trainer:
         self.metrics = self.rollout_log = self.timeline_log = None
         if self.rank0:
             self.metrics = MetricsLog(cfg, self.step)
-            signal.signal(signal.SIGTERM, self._close_metrics_and_stop)
             self.rollout_log = StepLog(self.run_dir / "rollouts.jsonl")
             self.timeline_log = StepLog(self.run_dir / "timeline.jsonl")
             for log in (self.rollout_log, self.timeline_log):
                 log.truncate_after(self.step)
-
-    def _close_metrics_and_stop(self, signum: int, _frame) -> None:
-        """SIGTERM (a preemption; torchrun, Slurm and `flowrl train` pass it on): the tracking backends finish
-        their runs (W&B makes what it buffered durable only then), then the default ending."""
-        self.metrics.close()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
 
     @property
     def asynchronous(self) -> bool:

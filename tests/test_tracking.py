@@ -37,7 +37,7 @@ def mlflow_history(cfg) -> dict[str, dict[int, float]]:
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri(cfg))
-    run_id = json.loads((Path(cfg.run_dir) / STATE_FILE).read_text())["mlflow"]["run_id"]
+    run_id = json.loads((Path(cfg.run_dir) / STATE_FILE).read_text())["mlflow"]
     out: dict[str, dict[int, float]] = {}
     for key in client.get_run(run_id).data.metrics:
         points = client.get_metric_history(run_id, key)
@@ -103,8 +103,7 @@ def test_every_backend_holds_the_jsonl_scalars_and_a_resumed_run_logs_no_step_tw
     for step in range(3, 7):
         log.log(step, values(step))
     log.close()
-    state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
-    assert state["wandb"]["logged_through"] == state["mlflow"]["logged_through"] == 6
+    assert set(json.loads((tmp_path / "run" / STATE_FILE).read_text())) == {"wandb", "mlflow"}  # the runs' ids
     assert [r["step"] for r in read_metrics(cfg.run_dir)] == list(range(7))
     assert_backends_equal_jsonl(cfg)
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 2  # one W&B run, two segments
@@ -119,7 +118,7 @@ def test_a_backend_that_fails_mid_run_is_dropped_once_and_the_others_go_on(tmp_p
                       check=False)
     log = MetricsLog(cfg, resume_step=0)
     log.log(0, values(0))
-    run_id = json.loads((tmp_path / "run" / STATE_FILE).read_text())["mlflow"]["run_id"]
+    run_id = json.loads((tmp_path / "run" / STATE_FILE).read_text())["mlflow"]
     MlflowClient(mlflow_uri(cfg)).delete_run(run_id)  # the store refuses metrics of a deleted run
     for step in range(1, 4):
         log.log(step, values(step))

@@ -93,6 +93,9 @@ class WandB:
 
         # W&B suggests its LLM-tracing product when it sees the openai package (which vLLM imports): not for us
         os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+        # a W&B service inherited from the launching process (a notebook's, a test's) is not this run's: a resumed
+        # run's id may still be open there ("run ID is in use"); W&B starts one of our own instead
+        os.environ.pop("WANDB_SERVICE", None)
         lg = cfg.logging
         mode = wandb_mode(cfg)
         resumed = "wandb" in state

@@ -205,6 +205,7 @@ def test_a_bad_input_is_one_sentence_and_exit_2(ws, command, fragment, capsys, m
 
 
 def test_a_custom_reward_that_scores_text_is_accepted_and_overrides_may_follow_options(ws, capsys, monkeypatch):
+    importlib.import_module("flowrl_megatron.rewards.math")  # as after any math-graded run: rewards.math is loaded
     monkeypatch.syspath_prepend(str(ws["root"]))
     run_dir = ws["root"] / "good_run"
     code = run_command(["train", str(ws["recipe"]), "--prepare", "reward.name=reward_shapes:good",

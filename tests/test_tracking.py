@@ -5,6 +5,7 @@ the same runs without logging a step twice, a backend failing mid-run dropped wh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,16 @@ from flowrl_megatron.metrics import MetricsLog, read_metrics
 from flowrl_megatron.tracking import STATE_FILE, mlflow_key, mlflow_uri
 
 ALL = "logging.backends=[jsonl,tensorboard,wandb,mlflow]"
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_service_left():
+    """W&B's service lives as long as this process and is announced to children in WANDB_SERVICE: stop it."""
+    yield
+    import wandb
+
+    wandb.teardown()
+    assert "WANDB_SERVICE" not in os.environ
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

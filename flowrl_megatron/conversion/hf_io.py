@@ -53,8 +53,8 @@ class HFReader:
             self.weight_map = {name: SINGLE_NAME for name in self._open(SINGLE_NAME, "numpy").keys()}
         else:
             raise UserError(
-                f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}; point --input at a Hugging Face "
-                "model saved as safetensors."
+                f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}; it must be a Hugging Face model saved as "
+                "safetensors."
             )
         for file in sorted(set(self.weight_map.values())):
             if not (self.dir / file).is_file():

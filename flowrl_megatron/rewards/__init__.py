@@ -8,9 +8,9 @@ and imported only when used, so that validating a config does not load sympy or 
 from __future__ import annotations
 
 import importlib
-import math
 import traceback
 from collections.abc import Callable
+from math import isfinite  # not `import math`: the submodule rewards.math takes that name here once imported
 from pathlib import Path
 
 from flowrl_megatron.errors import UserError
@@ -87,6 +87,6 @@ def check_reward_call(name: str, answer: str) -> None:
         frame = traceback.extract_tb(e.__traceback__)[-1]
         raise UserError(f"reward.name {name!r} raised {type(e).__name__}: {e} when called on an empty response "
                         f"({Path(frame.filename).name}:{frame.lineno}); a reward must score any text.") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
         raise UserError(f"reward.name {name!r} returned {value!r:.60} for an empty response; it must return a "
                         "finite number.")

@@ -6,6 +6,7 @@ message naming it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -44,10 +45,16 @@ def sbatch(cluster: SlurmCluster, tmp_path, **settings: str) -> tuple[int, str]:
 
 
 def test_a_failing_role_ends_the_job_with_its_name(cluster, tiny, tmp_path):
-    broken = tmp_path / "no_weights"  # a config and tokenizer but no weights: the trainer's conversion fails
-    broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (broken / name).write_text((tiny / "model" / name).read_text())
+    """Weights that pass the driver's checks (a readable safetensors file) but lack a tensor config.json needs: the
+    trainer's conversion fails under srun, and the job says which role failed. (Weights that are no safetensors
+    file at all are refused by `flowrl train --prepare` before any role starts: tests/test_cli.py.)"""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "missing_tensor"
+    shutil.copytree(tiny / "model", broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     code, log = sbatch(cluster, tmp_path, RUN_DIR=str(tmp_path / "run"), MODEL=str(broken),
                        OVERRIDES=f"data.train_files=[{tiny / 'train.jsonl'}] train.steps=2")
     assert code != 0

@@ -25,7 +25,6 @@ from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
 
 STATE_FILE = "tracking.json"
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class Backend(Protocol):
@@ -72,17 +71,19 @@ def wandb_mode(cfg: RunConfig) -> str:
         return "offline"
 
 
+def wandb_records(path: Path, check: bool = False) -> list[dict]:
+    """The records of one W&B offline log (``offline-run-*/run-ID.wandb``), read by W&B's own reader."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                         capture_output=True, text=True, timeout=300, check=check).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def wandb_offline_steps(run_dir: Path, run_id: str) -> int:
-    """The last step the W&B offline logs of run ``run_id`` hold (-1: none), read by W&B's own reader: after a kill
-    its writer may have flushed more or less than this process saw logged."""
-    last = -1
-    for path in sorted(Path(run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                             capture_output=True, text=True, timeout=300)
-        for line in out.stdout.splitlines():
-            if line.startswith("{") and '"type":"history"' in line:
-                last = max(last, json.loads(line)["history"].get("step", {}).get("num", 0))
-    return last
+    """The last step the W&B offline logs of run ``run_id`` hold (-1: none): after a kill its writer may have
+    flushed more or less than this process saw logged."""
+    return max((r["history"].get("step", {}).get("num", 0)
+                for path in sorted(Path(run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+                for r in wandb_records(path) if r.get("type") == "history"), default=-1)
 
 
 class WandB:
@@ -187,9 +188,9 @@ def check_backends(cfg: RunConfig) -> None:
     import importlib
 
     for name in cfg.logging.backends:
-        if name in PACKAGES:
+        if name in BACKENDS:  # each backend's package is named as the backend
             try:
-                importlib.import_module(PACKAGES[name])
+                importlib.import_module(name)
             except ImportError as e:
                 raise UserError(f"logging.backends lists {name}, but its package does not import ({e}); install "
                                 "it with pip install -e '.[tracking]' or remove it from logging.backends.") from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from flowrl_megatron.config import load_config
 from flowrl_megatron.metrics import MetricsLog, read_metrics
-from flowrl_megatron.tracking import STATE_FILE, mlflow_key, mlflow_uri
+from flowrl_megatron.tracking import STATE_FILE, mlflow_key, mlflow_uri, wandb_records
 
 ALL = "logging.backends=[jsonl,tensorboard,wandb,mlflow]"
 
@@ -33,10 +32,7 @@ def wandb_history(run_dir: Path) -> list[dict]:
     """Every history row of every W&B offline segment of the run, read by W&B's own reader (``wandb leet``)."""
     rows = []
     for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb")):
-        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                             capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
+        for record in wandb_records(path, check=True):
             if record.get("type") == "history":
                 item = record["history"]["item"]
                 rows.append({"step": item["_step"], **{k: v for k, v in item.items() if not k.startswith("_")}})
@@ -96,9 +92,7 @@ def assert_backends_equal_jsonl(cfg, redone: tuple[int, ...] = (), timed: tuple[
 def wandb_config(run_dir: Path) -> dict:
     """The config W&B recorded with the run (its first segment's run record)."""
     path = sorted(Path(run_dir, "wandb").glob("offline-run-*/*.wandb"))[0]
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return next(json.loads(line)["run"]["config"] for line in out.splitlines() if '"type":"run"' in line)
+    return next(r["run"]["config"] for r in wandb_records(path, check=True) if r.get("type") == "run")
 
 
 def values(step: int) -> dict[str, float]:

@@ -75,6 +75,12 @@ def format_breakdown(seconds: dict[str, float]) -> str:
     return "step-time breakdown:\n" + "\n".join(rows) + f"\n  {'total':<10} {seconds['total']:9.1f} s"
 
 
+def kept_through(resume_step: int) -> int:
+    """The last step whose records a run resumed from ``resume_step``'s checkpoint keeps: a start with no
+    checkpoint (0) keeps none, since it redoes everything an earlier attempt logged, its step-0 evaluation too."""
+    return resume_step if resume_step else -1
+
+
 class StepLog:
     """A JSONL file of one record per step (or several): a resumed run redoes the steps after its checkpoint, so
     their old records are dropped first (atomically)."""
@@ -82,10 +88,11 @@ class StepLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, resume_step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        last = kept_through(resume_step)
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= last]
         write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def append(self, step: int, *records: dict) -> None:
@@ -95,7 +102,9 @@ class StepLog:
 
 class MetricsLog:
     """``metrics.jsonl`` (one object per step), and the same scalars to every other backend of
-    ``logging.backends`` (``flowrl_megatron.tracking``)."""
+    ``logging.backends`` (``flowrl_megatron.tracking``). The JSONL file is the record: a resumed run sends each
+    backend the steps up to its checkpoint that the backend lacks (W&B's offline writer loses what it had not
+    flushed when the run was killed; a backend dropped mid-run, or added to the recipe, catches up)."""
 
     def __init__(self, cfg, resume_step: int) -> None:
         from flowrl_megatron.tracking import Trackers
@@ -103,6 +112,10 @@ class MetricsLog:
         self.jsonl = StepLog(Path(cfg.run_dir) / "metrics.jsonl")
         self.jsonl.truncate_after(resume_step)
         self.trackers = Trackers(cfg, resume_step)
+        if self.jsonl.path.exists():
+            for record in read_metrics(cfg.run_dir):
+                step = record.pop("step")
+                self.trackers.log(step, record)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.jsonl.append(step, values)

@@ -1,12 +1,13 @@
 """Where a run's scalars go besides ``metrics.jsonl``: tensorboard, Weights & Biases, MLflow (``logging.backends``).
 
-Only the driver (trainer rank 0) logs. Each backend gets exactly the scalars and steps the JSONL file gets. A
-resumed run continues the same W&B and MLflow run (their ids are kept in ``RUN_DIR/tracking.json``) and does not
-log a step twice: the JSONL file drops the steps after the checkpoint it resumes from and writes them again;
-tensorboard purges them (``purge_step``); W&B and MLflow skip the steps they hold already, as read from their own
-records (after a kill, what reached them is not what this process last sent), so a redone step keeps its first
-values there (equal to the new ones in a synchronous run, which resumes bit-exactly). A backend that
-fails mid-run is reported once and dropped; the others go on.
+Only the driver (trainer rank 0) logs. Each backend gets exactly the scalars and steps the JSONL file gets, and each
+step once: every backend knows the last step it holds (``held``) and is sent only later ones. A resumed run
+continues the same W&B and MLflow run (their ids are kept in ``RUN_DIR/tracking.json``); W&B and MLflow are asked
+what they hold, from their own records (after a kill, what reached them is not what this process last sent), and
+what they lack of the steps up to the checkpoint is sent again from the JSONL file (``MetricsLog``); tensorboard
+purges the steps after the checkpoint (``purge_step``). A step redone after the checkpoint that W&B or MLflow hold
+already keeps its first values there (equal to the new ones in a synchronous run, which resumes bit-exactly). A
+backend that fails mid-run is reported once and dropped; the others go on.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from typing import Any, Protocol
 from flowrl_megatron.config import RunConfig, to_dict
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
+from flowrl_megatron.metrics import kept_through
 
 STATE_FILE = "tracking.json"
 
 
 class Backend(Protocol):
     name: str
+    held: int  # the last step this backend holds (-1: none); only later steps are sent to it
 
     def log(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -41,9 +44,9 @@ class TensorBoard:
     def __init__(self, cfg: RunConfig, resume_step: int, state: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # a resumed run's steps after its checkpoint replace the ones the earlier events files hold
-        self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step else None)
+        # the steps after the checkpoint (all of them, with none) are dropped from the earlier events files
+        self.held = kept_through(resume_step)
+        self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"), purge_step=self.held + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -101,7 +104,7 @@ class WandB:
         mode = wandb_mode(cfg)
         resumed = "wandb" in state
         run_id = state.setdefault("wandb", uuid.uuid4().hex[:8])
-        # a resumed run skips the steps W&B holds already (online, the server also refuses steps below its last)
+        # online, the server also refuses steps below its last
         self.held = wandb_offline_steps(Path(cfg.run_dir), run_id) if resumed and mode == "offline" else -1
         self.run = wandb.init(project=lg.project, entity=lg.wandb_entity or None, name=run_name(cfg),
                               group=lg.group or None, tags=list(lg.tags) or None, config=to_dict(cfg), id=run_id,
@@ -111,8 +114,7 @@ class WandB:
             self.held = self.run.step - 1
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if step > self.held:
-            self.run.log(values, step=step, commit=True)
+        self.run.log(values, step=step, commit=True)
 
     def close(self) -> None:
         self.run.finish()  # what W&B buffered is durable only now
@@ -159,7 +161,7 @@ class MLflow:
             params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
-        # the steps the store holds already (a resumed run skips them): read from the store itself
+        # the steps the store holds already, read from the store itself
         metrics = self.client.get_run(self.run_id).data.metrics
         self.held = max((p.step for key in metrics for p in self.client.get_metric_history(self.run_id, key)),
                         default=-1)
@@ -169,8 +171,6 @@ class MLflow:
 
         from mlflow.entities import Metric
 
-        if step <= self.held:
-            return
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(k), float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -227,8 +227,11 @@ class Trackers:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for backend in list(self.backends):
+            if step <= backend.held:
+                continue
             try:
                 backend.log(step, values)
+                backend.held = step
             except Exception as e:
                 self.backends.remove(backend)
                 print(f"warning: logging backend {backend.name} failed at step {step} ({type(e).__name__}: {e}); "

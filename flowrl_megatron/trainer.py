@@ -386,15 +386,12 @@ class Trainer:
                 if self.metrics is not None:
                     self.metrics.log(0, values)
                     bar.write(format_eval(0, values))
+            timer = PhaseTimer(self.timeline if self.rank0 else None)
             while self.step < t.steps:
-                timer = PhaseTimer(self.timeline if self.rank0 else None)
                 values = self.train_step(timer)
                 if self._eval_due():
                     with timer("eval"):
                         values.update(self.evaluate())
-                if self._checkpoint_due():
-                    with timer("checkpoint"):
-                        self.save()
                 seconds = timer.breakdown()
                 tokens = values.pop("count/response_tokens")
                 values["perf/tokens_per_s"] = tokens / max(seconds["total"], 1e-9)
@@ -407,6 +404,16 @@ class Trainer:
                 if self.rank0:
                     self._log(values, bar)
                 bar.update(1)
+                # A step's records are written before the checkpoint that covers them (a kill between the two
+                # would otherwise lose them: the resumed run starts after that step); the save's seconds are the
+                # next step's time/checkpoint.
+                timer = PhaseTimer(self.timeline if self.rank0 else None)
+                if self._checkpoint_due():
+                    with timer("checkpoint"):
+                        self.save()
+            if done:
+                for k, v in timer.breakdown().items():  # the last checkpoint's
+                    sums[k] = sums.get(k, 0.0) + v
         finally:
             bar.close()
             if self.producer is not None:

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +35,7 @@ from flowrl_megatron.checkpoint import (
 )
 from flowrl_megatron.cli import describe, format_eval
 from flowrl_megatron.config import RunConfig, load_config
-from flowrl_megatron.errors import run_cli
+from flowrl_megatron.errors import UserError, run_cli
 from flowrl_megatron.evaluation.metrics import group_metrics
 from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, format_breakdown
@@ -156,12 +160,69 @@ class Trainer:
                 return self.producer.take(self.sync.version)
         return self.driver.rollouts(self.step, self.sync.version, timer)
 
+    def _from_engines(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on the driver (it asks the engines for something), its result on every rank. Engines lost
+        meanwhile (killed, hung) are restarted with the current weights, and ``fn`` is called again while it could
+        not finish (it asks for the same samples: seeds follow step and prompt); ``rollout.engine_restarts``
+        restarts at most."""
+        from flowrl_megatron.rollout.client import EnginesLost
+
+        restarts = 0
+        while True:
+            result, lost = None, {}
+            if self.driver is not None:
+                try:
+                    result = fn()
+                except EnginesLost as e:
+                    if self.asynchronous:  # the producer's requests in flight are not recovered
+                        raise UserError(f"step {self.step + 1}: {e}; asynchronous runs do not restart engines: resume "
+                                        "the run (it issues the prompts in flight at its checkpoint again).") from None
+                lost = dict(self.driver.client.lost)
+            box = [(result, lost)]
+            dist.broadcast_object_list(box, src=0)
+            result, lost = box[0]
+            if lost:
+                restarts = self._restart_engines(lost, what, restarts, version=self.sync.version)
+            if result is not None:
+                return result
+
+    def _restart_engines(self, lost: dict[int, str], what: str, restarts: int, version: int | None) -> int:
+        """Every rank: the driver restarts engines ``lost``; all form a new weight-transfer group and send the
+        weights again (as ``version``, or as the next one when the sync itself failed). A sync that fails again
+        restarts every engine again. Returns the restarts made in this step so far."""
+        from flowrl_megatron.rollout.weight_sync import WeightSyncError
+
+        while True:
+            if restarts >= self.cfg.rollout.engine_restarts:
+                causes = "; ".join(f"engine {i} {w}" for i, w in sorted(lost.items()))
+                raise UserError(f"step {self.step + 1}: rollout engine(s) lost while {what}, after {restarts} "
+                                f"restart(s) in this step ({causes}); see {self.run_dir / 'engine_logs'} and resume "
+                                "the run once they start.")
+            restarts += 1
+            if self.driver is not None:
+                start = time.monotonic()
+                for i, why in sorted(lost.items()):
+                    print(f"warning: step {self.step + 1}, {what}: rollout engine {i} {why}; restarting it and "
+                          "sending it the current weights.", file=sys.stderr, flush=True)
+                self.driver.engines.restart(sorted(lost))
+                self.driver.client.revive(sorted(lost))
+                print(f"rollout engine(s) {', '.join(map(str, sorted(lost)))} restarted in "
+                      f"{time.monotonic() - start:.0f} s.", file=sys.stderr, flush=True)
+            self.sync.reconnect()
+            try:
+                self.sync.send(version=version)
+                return restarts
+            except WeightSyncError as e:  # on every rank
+                lost = self._every_engine(f"failed the weight sync ({first_sentence(e)})")
+                what = "sending weights to restarted engines"
+
+    def _every_engine(self, why: str) -> dict[int, str]:
+        return dict.fromkeys(range(self.cfg.rollout.engines), why)
+
     def train_step(self, timer: PhaseTimer) -> dict[str, float]:
         """Train on one rollout batch and send the new weights to the engines; the step's metrics."""
         cfg, algo, t = self.cfg, self.cfg.algorithm, self.cfg.train
-        box = [self._next_rollouts(timer)]
-        dist.broadcast_object_list(box, src=0)
-        rollouts: RolloutBatch = box[0]
+        rollouts: RolloutBatch = self._from_engines(lambda: self._next_rollouts(timer), "generating rollouts")
         full = build_batch(rollouts.groups)
         version = self.sync.version
         full.advantages = normalize_rewards(algo, full.rewards, full.group_ids)
@@ -235,9 +296,20 @@ class Trainer:
     def _sync_weights(self) -> None:
         """The new weights to every engine; asynchronous: engines paused around the transfer with requests in
         flight, and what finishes from then on counts as (partly) sampled with the new version."""
+        from flowrl_megatron.rollout.weight_sync import WeightSyncError
+
         if self.producer is not None:
             self.producer.pause_engines()
-        self.sync.send()
+        try:
+            self.sync.send()
+        except WeightSyncError as e:  # raised on every rank
+            if self.asynchronous:
+                raise UserError(f"step {self.step + 1}: {e}; asynchronous runs do not restart engines: resume the "
+                                "run (it issues the prompts in flight at its checkpoint again).") from None
+            # an engine may have died holding half the new weights, the others stuck in the transfer: all are
+            # restarted and get the new weights in a new group
+            self._restart_engines(self._every_engine(f"failed the weight sync ({first_sentence(e)})"),
+                                  "syncing weights", 0, version=None)
         if self.producer is not None:
             self.producer.resume_engines(self.sync.version)
 
@@ -335,9 +407,7 @@ class Trainer:
         kl_ref averages sum_t log pi(y_t) - log pi_ref(y_t) over the samples, both models at temperature 1, so
         with eval.temperature=1 it is an unbiased estimate of KL(pi || pi_ref). Every rank takes part.
         """
-        box = [self._eval_samples()]
-        dist.broadcast_object_list(box, src=0)
-        batch, values = box[0]
+        batch, values = self._from_engines(self._eval_samples, "evaluating")
         dp, batching = self.cfg.dp, self.batching
         batch = batch.padded(dp * (1 if batching.dynamic else batching.micro_batch_size))
         mine = data_parallel_split(batch.lengths(), dp, batching)[parallel_state.get_data_parallel_rank()]
@@ -438,6 +508,11 @@ class Trainer:
         bar.set_postfix(postfix)
         if "eval/kl_ref" in values:
             bar.write(format_eval(self.step, values))
+
+
+def first_sentence(e: BaseException) -> str:
+    """An exception's message up to its first full stop (gloo appends a paragraph of advice to its own)."""
+    return re.split(r"(?<=\.)\s", str(e), maxsplit=1)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,6 +76,26 @@ def wait_for_steps(proc: subprocess.Popen, run_dir: Path, lines: int) -> None:
         time.sleep(0.2)
 
 
+def wait_for_line(proc: subprocess.Popen, log: Path, text: str, offset: int) -> int:
+    """Where the first line holding ``text`` after ``offset`` of ``log`` ends (polled every few ms)."""
+    deadline = time.monotonic() + 600
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        at = chunk.find(text.encode())
+        if at >= 0 and b"\n" in chunk[at:]:
+            return offset + chunk.index(b"\n", at) + 1
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {text!r} in {log}"
+        time.sleep(0.005)
+
+
+def kill_engine(t0: float) -> None:
+    """SIGKILL the live engine (its whole process session), started after ``t0``."""
+    (engine,) = [p for p in engines_started_after(t0) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    os.killpg(engine.pid, signal.SIGKILL)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
@@ -103,8 +123,9 @@ def engines_started_after(t0: float) -> list[psutil.Process]:
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path):
     """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption) after step 3: the launcher passes
     it on, torchrun stops the rank, the engine goes with it, nothing of the run is left running; resumed from step 2's
-    checkpoint, the run ends bit-identical to an uninterrupted one. While it lives, a second `flowrl train` on its
-    directory is refused and leaves its config.yaml as it was. (SIGKILL: the asynchronous test below.)"""
+    checkpoint, with its engine killed mid-generation and mid-sync (restarted, weights sent again), the run ends
+    bit-identical to an uninterrupted one. While it lives, a second `flowrl train` on its directory is refused and
+    leaves its config.yaml as it was. (SIGKILL of the whole run: the asynchronous test below.)"""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert start(recipe, whole).wait(timeout=600) == 0
     assert [r["step"] for r in metrics(whole)] == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
@@ -132,8 +153,24 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     assert "flowrl train stopped by SIGTERM; every process of the run has ended" in \
         broken.with_suffix(".log").read_text()
 
-    assert start(recipe, broken, *tracked).wait(timeout=600) == 0
-    assert "resuming from" in broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
+    # The resumed run meets two engine faults: SIGKILL as step 3's generation starts (right after the weights
+    # are sent at start-up), and SIGKILL in step 3's weight sync (sent in 1 MiB buckets, so it lasts). Each time
+    # the trainer restarts the engine and sends it the weights; the run still ends equal to the uninterrupted one.
+    t0 = time.time() - 1
+    engine_log = broken / "engine_logs" / "engine0.log"
+    seen = engine_log.stat().st_size  # the log is appended to by every engine 0 of the run
+    proc = start(recipe, broken, *tracked, "rollout.bucket_mib=1")
+    seen = wait_for_line(proc, engine_log, "POST /finish_weight_update", seen)
+    kill_engine(t0)
+    seen = wait_for_line(proc, engine_log, "POST /finish_weight_update", seen)  # the restarted one's weights
+    wait_for_line(proc, engine_log, "POST /start_weight_update", seen)  # step 3's own sync begins
+    kill_engine(t0)
+    assert proc.wait(timeout=900) == 0
+    log = broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
+    assert "resuming from" in log
+    assert "warning: step 3, generating rollouts: rollout engine 0 (" in log and "stopped answering" in log, log
+    assert "warning: step 3, syncing weights: rollout engine 0 failed the weight sync" in log, log
+    assert log.count("restarted in") == 2
     assert untimed(metrics(broken)) == untimed(metrics(whole))  # the same prompts, samples, rewards, losses
     # W&B and MLflow continue their runs across the stop, each step once, with exactly the JSONL file's scalars
     # (step 3, trained before the stop and again after it, is logged there once, with its first timings if W&B's
@@ -142,7 +179,8 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     a, b = final_state(whole), final_state(broken)
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any("z_head" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    log = broken.with_suffix(".log").read_text()
+    _, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
+    assert not alive
     assert "step-time breakdown" in log
     assert list((broken / "tensorboard").glob("events.out.tfevents.*"))
     plots = subprocess.run([sys.executable, "-m", "flowrl_megatron", "plot", str(broken)], cwd=REPO,

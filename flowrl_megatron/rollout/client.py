@@ -7,6 +7,12 @@ timeout, 5xx, or an answer that does not hold exactly ``n`` complete samples) is
 another engine with the same seed; after ``retries`` failures the whole batch fails with the
 prompt and the last error named. Every requested sample comes back exactly once, or none do.
 
+An engine is lost when a request to it fails and its health probe does not answer (killed), or when it has
+requests in flight and has not answered a health probe for ``hang_s`` (stopped, frozen: its requests would
+otherwise wait for the request timeout). A lost engine's requests are abandoned and retried on the others, it is
+sent nothing more, and when every engine is lost the call raises ``EnginesLost``; the owner restarts them and
+calls ``revive``.
+
 ``salt`` keys vLLM's prefix cache: the cache is keyed by tokens, not weights, so after a weight update a
 cached prompt prefix holds keys and values the old weights computed. Requests salted with their weight
 version only ever share cached blocks with requests of the same version.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,8 +53,20 @@ class GenerationError(RuntimeError):
     pass
 
 
+class EnginesLost(GenerationError):
+    """Every engine is lost (``RolloutClient.lost``): nothing more can be generated until they are restarted."""
+
+    def __init__(self, lost: dict[int, str]) -> None:
+        self.lost = dict(lost)
+        super().__init__("; ".join(f"engine {i} {why}" for i, why in sorted(lost.items())))
+
+
 class _BadAnswer(Exception):
     pass
+
+
+class _Lost(Exception):
+    """The request's engine was lost while it was in flight."""
 
 
 class RolloutClient:
@@ -60,6 +79,7 @@ class RolloutClient:
         retries: int = 3,
         request_timeout_s: float = 1800.0,
         backoff_s: float = 0.5,
+        hang_s: float = 60.0,
     ) -> None:
         self.urls = list(urls)
         self.api_key = api_key
@@ -67,8 +87,22 @@ class RolloutClient:
         self.retries = retries
         self.request_timeout_s = request_timeout_s
         self.backoff_s = backoff_s
+        self.hang_s = hang_s
         self.in_flight = [0] * len(self.urls)
         self.requests_sent = [0] * len(self.urls)
+        self.lost: dict[int, str] = {}  # engine -> why; sent nothing until revived
+        self._lost_events: dict[int, asyncio.Event] = {}  # of the running call's loop
+
+    def revive(self, engines: Sequence[int]) -> None:
+        """Engines restarted by their owner: send them requests again."""
+        for i in engines:
+            self.lost.pop(i, None)
+
+    def _lose(self, engine: int, why: str) -> None:
+        if engine not in self.lost:
+            self.lost[engine] = why
+        if engine in self._lost_events:
+            self._lost_events[engine].set()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seeds: Sequence[int], salt: str | None = None) -> list[list[Sample]]:
@@ -80,17 +114,47 @@ class RolloutClient:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         semaphore = asyncio.Semaphore(self.max_concurrency)
+        self._lost_events = {i: asyncio.Event() for i in range(len(self.urls))}
+        for i in self.lost:
+            self._lost_events[i].set()
         async with self.session() as http:
             tasks = [
                 asyncio.create_task(self.generate_group(http, i, list(p), sampling, seeds[i], salt, semaphore))
                 for i, p in enumerate(prompts)
             ]
+            watchdog = asyncio.create_task(self._watch(http))
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
                 for t in tasks:
                     t.cancel()
                 raise
+            finally:
+                watchdog.cancel()
+
+    async def _healthy(self, http: httpx.AsyncClient, engine: int, timeout_s: float) -> bool:
+        try:
+            return (await http.get(f"{self.urls[engine]}/health", timeout=timeout_s)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def _watch(self, http: httpx.AsyncClient) -> None:
+        """Probe every engine with requests in flight; one that has not answered for ``hang_s`` is lost."""
+        every = max(min(self.hang_s / 4, 5.0), 0.05)
+        answered = {i: time.monotonic() for i in range(len(self.urls))}
+        while True:
+            await asyncio.sleep(every)
+            busy = [i for i in range(len(self.urls)) if self.in_flight[i] and i not in self.lost]
+            for i, ok in zip(busy, await asyncio.gather(*[self._healthy(http, i, every) for i in busy]), strict=True):
+                now = time.monotonic()
+                if ok:
+                    answered[i] = now
+                elif now - answered[i] >= self.hang_s:
+                    self._lose(i, f"({self.urls[i]}) has not answered its health probe for {now - answered[i]:.0f} s "
+                                  "with requests in flight (stopped or frozen)")
+            for i in range(len(self.urls)):
+                if not self.in_flight[i]:
+                    answered[i] = time.monotonic()
 
     def session(self) -> httpx.AsyncClient:
         """An HTTP client for this client's requests, used inside one event loop."""
@@ -99,8 +163,26 @@ class RolloutClient:
         return httpx.AsyncClient(limits=limits, headers=headers, timeout=self.request_timeout_s)
 
     def _pick_engine(self, avoid: set[int]) -> int:
-        candidates = [i for i in range(len(self.urls)) if i not in avoid] or list(range(len(self.urls)))
+        alive = [i for i in range(len(self.urls)) if i not in self.lost]
+        if not alive:
+            raise EnginesLost(self.lost)
+        candidates = [i for i in alive if i not in avoid] or alive
         return min(candidates, key=lambda i: (self.in_flight[i], self.requests_sent[i]))
+
+    async def _request_unless_lost(self, http: httpx.AsyncClient, engine: int, *args) -> list[Sample]:
+        """``_request``, abandoned (and so retried elsewhere) as soon as its engine is lost."""
+        request = asyncio.ensure_future(self._request(http, engine, *args))
+        lost = asyncio.ensure_future(self._lost_events[engine].wait())
+        try:
+            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not request.done():
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            raise _Lost(self.lost[engine])
+        return request.result()
 
     async def generate_group(self, http: httpx.AsyncClient, index: int, prompt: list[int], sampling: SamplingConfig,
                              seed: int, salt: str | None = None,
@@ -114,10 +196,14 @@ class RolloutClient:
                 self.in_flight[engine] += 1
                 self.requests_sent[engine] += 1
                 try:
-                    return await self._request(http, engine, index, prompt, sampling, seed, salt)
-                except (httpx.TransportError, httpx.HTTPStatusError, _BadAnswer) as e:
+                    return await self._request_unless_lost(http, engine, index, prompt, sampling, seed, salt)
+                except (httpx.TransportError, httpx.HTTPStatusError, _BadAnswer, _Lost) as e:
                     failed.add(engine)
                     last_error = f"engine {engine} ({self.urls[engine]}): {type(e).__name__}: {e}"
+                    if isinstance(e, httpx.TransportError) and not await self._healthy(http, engine, 5.0):
+                        self._lose(engine, f"({self.urls[engine]}) stopped answering ({type(e).__name__})")
+                    if isinstance(e, _Lost):
+                        continue  # retried on another engine at once
                     await asyncio.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
                 finally:
                     self.in_flight[engine] -= 1

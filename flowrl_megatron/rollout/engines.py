@@ -155,6 +155,7 @@ class Engine:
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped engine handles its SIGTERM only when resumed
             try:
                 self.proc.wait(timeout=wait)
                 break
@@ -214,15 +215,17 @@ class EngineGroup:
             raise
         return self
 
-    def restart(self, index: int) -> Engine:
-        """Replace engine ``index`` (dead or alive) by a fresh one on the same port."""
-        old = self.engines[index]
-        old.stop()
-        engine = Engine(self.cfg, index, old.log_path.parent, self.api_key, port=old.port)
-        engine.start()
-        engine.wait_healthy(time.monotonic() + self.cfg.startup_timeout_s)
-        self.engines[index] = engine
-        return engine
+    def restart(self, indices: list[int]) -> None:
+        """Replace engines ``indices`` (dead, stopped or alive) by fresh ones on the same ports, started together;
+        they serve ``cfg.model`` until weights are sent to them."""
+        for i in indices:
+            old = self.engines[i]
+            old.stop(grace_s=5.0)
+            self.engines[i] = Engine(self.cfg, i, old.log_path.parent, self.api_key, port=old.port)
+            self.engines[i].start()
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        for i in indices:
+            self.engines[i].wait_healthy(deadline)
 
     def stop(self) -> None:
         for engine in self.engines:
@@ -254,6 +257,12 @@ class RemoteEngines:
                                        "rollout logs of the job.")
                 time.sleep(2.0)
         return self
+
+    def restart(self, indices: list[int]) -> None:
+        """Not from here: whoever started them restarts them."""
+        raise UserError(f"rollout engine(s) {', '.join(self.urls[i] for i in indices)} stopped answering; engines "
+                        "started elsewhere (rollout.engine_urls) are not restarted by the trainer. Restart them "
+                        "and resume the run.")
 
     def stop(self) -> None:
         """Nothing: whoever started them stops them (the Slurm job step)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -152,9 +152,18 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             return
         if self.group is None:
             raise RuntimeError("trainer_init() must run before send_weights()")
+        source = buckets(self.source, self.bucket_bytes)
+        try:
+            self._send(source)
+        except Exception:
+            for _ in source:  # the other ranks' gathers feeding this one are collectives: see them through
+                pass
+            raise
+
+    def _send(self, source: Iterator[list[tuple[str, torch.Tensor]]]) -> None:
         self.client.start_weight_update()
         loading = None
-        for bucket in buckets(self.source, self.bucket_bytes):
+        for bucket in source:
             buffer = pack(bucket)  # gathered and packed while the engines load the previous bucket
             if loading is not None:
                 loading.result()

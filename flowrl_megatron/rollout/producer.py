@@ -28,7 +28,7 @@ from typing import Literal
 from flowrl_megatron.config import RunConfig
 from flowrl_megatron.data.prompts import Prompt
 from flowrl_megatron.metrics import PhaseTimer, Timeline
-from flowrl_megatron.rollout.client import RolloutClient, Sample, SamplingConfig
+from flowrl_megatron.rollout.client import EnginesLost, RolloutClient, Sample, SamplingConfig
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 
 UpdateMode = Literal["keep", "drain"]
@@ -84,7 +84,8 @@ class Driver:
             engine_cfg = EngineConfig(model=cfg.model.path, tensor_parallel_size=ro.engine_tp,
                                       max_model_len=cfg.data.max_prompt_tokens + ro.max_response_tokens)
             engines = EngineGroup(engine_cfg, ro.engines, run_dir / "engine_logs").start()
-        client = RolloutClient(engines.urls, engines.api_key, max_concurrency=ro.max_concurrency)
+        client = RolloutClient(engines.urls, engines.api_key, max_concurrency=ro.max_concurrency,
+                               hang_s=ro.engine_hang_s)
         return cls(cfg, tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long, eval_prompts,
                    timeline)
 
@@ -131,8 +132,12 @@ class Driver:
         seeds = [sample_seed(self.cfg.train.seed, step, i) for i in range(len(orders))]
         prompts = [self.prompts[self.stream.index_at(o)] for o in orders]
         with timer("rollout"), self.timeline.span("engines", "generate"):
-            samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
-                                           salt=weight_salt(version))
+            try:
+                samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
+                                               salt=weight_salt(version))
+            except EnginesLost:  # asked for again, in the same order, once the engines are back
+                self.pending.extendleft(reversed(orders))
+                raise
         with timer("rewards"):
             return RolloutBatch(self.score(prompts, orders, samples, [(version, version)] * len(orders)))
 

@@ -29,6 +29,16 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+def _on_any_rank(flag: bool) -> bool:
+    """``flag`` of any trainer rank, on every rank (a failed sync is known to the sender only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class MegatronWeightSource(WeightSource):
     """This rank's Megatron stage as full HF-named tensors (yielded on global rank 0 only)."""
 
@@ -156,7 +166,15 @@ class WeightSync:
         new = self.version + 1 if version is None else version
         if self.client is not None:
             self.client.version = new  # stamped by finish_weight_update (seen at /weight_info)
-        self.engine.send_weights()
+        failure = None
+        try:
+            self.engine.send_weights()
+        except Exception as e:  # an engine died or stopped answering; the sender saw the other ranks' part through
+            failure = e
+        if _on_any_rank(failure is not None):
+            raise WeightSyncError(f"the weight sync to the engines failed: {type(failure).__name__}: {failure}"
+                                  if failure is not None else "the weight sync failed on trainer rank 0") \
+                from failure
         self.version = new
         return new
 

@@ -160,9 +160,45 @@ def test_killed_engine_loses_and_duplicates_nothing_and_restarts(engines, client
     counts = Counter((s.prompt_index, s.sample_index) for g in groups for s in g)
     assert set(counts) == {(i, k) for i in range(128) for k in range(4)} and set(counts.values()) == {1}
     assert sum(client.requests_sent) > len(prompts)  # some requests were retried on the survivor
-    engine = engines.restart(0)
-    assert engine.healthy()
+    assert set(client.lost) == {0} and "stopped answering" in client.lost[0]  # sent nothing more
+    engines.restart([0])
+    assert engines.engines[0].healthy()
+    client.revive([0])
     assert client.generate(prompts[:2], SamplingConfig(n=1, max_tokens=2), seeds=[0, 1])
+    assert client.requests_sent[0] > 0 and not client.lost
+
+
+def test_an_engine_that_hangs_mid_generation_is_given_up_its_requests_retried_and_it_restarts(engines):
+    """SIGSTOP to engine 1's whole process session (a frozen node, or a process stopped by mistake) while it
+    generates: its health probe stops answering, after hang_s it is lost, its requests are retried on engine 0,
+    every sample comes back once; the restart replaces the stopped processes."""
+    client = RolloutClient(engines.urls, engines.api_key, backoff_s=0.1, hang_s=8.0)
+    prompts = [[i % 900 + 3, 5, 6] for i in range(64)]
+    result: dict = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        result["groups"] = client.generate(prompts, SamplingConfig(n=4, max_tokens=64), seeds=list(range(64)))
+        result["seconds"] = time.monotonic() - start
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while client.in_flight[1] < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stopped = engines.engines[1].proc.pid
+    os.killpg(stopped, signal.SIGSTOP)
+    worker.join(timeout=600)
+    counts = Counter((s.prompt_index, s.sample_index) for g in result["groups"] for s in g)
+    assert set(counts) == {(i, k) for i in range(64) for k in range(4)} and set(counts.values()) == {1}
+    assert set(client.lost) == {1} and "has not answered its health probe" in client.lost[1]
+    assert result["seconds"] < 8.0 + 120  # the hang limit, not the 30-minute request timeout
+    assert sum(client.requests_sent) > len(prompts)  # engine 1's requests were sent again, to engine 0
+    engines.restart([1])
+    assert not psutil.pid_exists(stopped) or psutil.Process(stopped).status() == psutil.STATUS_ZOMBIE
+    client.revive([1])
+    assert client.generate(prompts[:4], SamplingConfig(n=1, max_tokens=2), seeds=[0, 1, 2, 3])
+    assert not client.lost
 
 
 def test_a_directory_without_config_is_refused(tmp_path):

@@ -101,7 +101,7 @@ def test_a_restarted_engine_is_resynced(setup, tiny_untied):
 
     original = samples(0)
     os.killpg(group.engines[1].proc.pid, signal.SIGKILL)
-    group.restart(1)
+    group.restart([1])
     sync.reconnect()
     source.weights = halved
     sync.send()

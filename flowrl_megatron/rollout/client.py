@@ -91,7 +91,6 @@ class RolloutClient:
         self.in_flight = [0] * len(self.urls)
         self.requests_sent = [0] * len(self.urls)
         self.lost: dict[int, str] = {}  # engine -> why; sent nothing until revived
-        self._lost_events: dict[int, asyncio.Event] = {}  # of the running call's loop
 
     def revive(self, engines: Sequence[int]) -> None:
         """Engines restarted by their owner: send them requests again."""
@@ -99,10 +98,7 @@ class RolloutClient:
             self.lost.pop(i, None)
 
     def _lose(self, engine: int, why: str) -> None:
-        if engine not in self.lost:
-            self.lost[engine] = why
-        if engine in self._lost_events:
-            self._lost_events[engine].set()
+        self.lost.setdefault(engine, why)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seeds: Sequence[int], salt: str | None = None) -> list[list[Sample]]:
@@ -114,23 +110,26 @@ class RolloutClient:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         semaphore = asyncio.Semaphore(self.max_concurrency)
-        self._lost_events = {i: asyncio.Event() for i in range(len(self.urls))}
-        for i in self.lost:
-            self._lost_events[i].set()
-        async with self.session() as http:
+        async with self.session() as http, self.watching(http):
             tasks = [
                 asyncio.create_task(self.generate_group(http, i, list(p), sampling, seeds[i], salt, semaphore))
                 for i, p in enumerate(prompts)
             ]
-            watchdog = asyncio.create_task(self._watch(http))
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
                 for t in tasks:
                     t.cancel()
                 raise
-            finally:
-                watchdog.cancel()
+
+    @contextlib.asynccontextmanager
+    async def watching(self, http: httpx.AsyncClient):
+        """While inside: the hang watchdog (``_watch``) for the requests this event loop sends."""
+        watchdog = asyncio.create_task(self._watch(http))
+        try:
+            yield
+        finally:
+            watchdog.cancel()
 
     async def _healthy(self, http: httpx.AsyncClient, engine: int, timeout_s: float) -> bool:
         try:
@@ -170,18 +169,19 @@ class RolloutClient:
         return min(candidates, key=lambda i: (self.in_flight[i], self.requests_sent[i]))
 
     async def _request_unless_lost(self, http: httpx.AsyncClient, engine: int, *args) -> list[Sample]:
-        """``_request``, abandoned (and so retried elsewhere) as soon as its engine is lost."""
+        """``_request``, abandoned (and so retried elsewhere) within a fraction of a second of its engine being
+        lost (by any event loop's watchdog: the trainer's evaluation and the rollout producer share the client)."""
         request = asyncio.ensure_future(self._request(http, engine, *args))
-        lost = asyncio.ensure_future(self._lost_events[engine].wait())
         try:
-            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+            while not request.done():
+                await asyncio.wait({request}, timeout=0.25)
+                if engine in self.lost and not request.done():
+                    raise _Lost(self.lost[engine])
         finally:
-            lost.cancel()
-        if not request.done():
-            request.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await request
-            raise _Lost(self.lost[engine])
+            if not request.done():
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
         return request.result()
 
     async def generate_group(self, http: httpx.AsyncClient, index: int, prompt: list[int], sampling: SamplingConfig,

@@ -274,7 +274,7 @@ class RolloutProducer:
         tasks: set[asyncio.Task] = set()
         scorer = asyncio.create_task(self._score(scored, rewards))
         try:
-            async with self.d.client.session() as http:
+            async with self.d.client.session() as http, self.d.client.watching(http):
                 while (admitted := await self._admit()) is not None:
                     task = asyncio.create_task(self._group(http, *admitted, scored))
                     tasks.add(task)

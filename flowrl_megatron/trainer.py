@@ -13,6 +13,7 @@ it: evaluation every ``eval.every`` steps, metrics, a checkpoint every ``checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -171,18 +172,18 @@ class Trainer:
         while True:
             result, lost = None, {}
             if self.driver is not None:
-                try:
+                with contextlib.suppress(EnginesLost):
                     result = fn()
-                except EnginesLost as e:
-                    if self.asynchronous:  # the producer's requests in flight are not recovered
-                        raise UserError(f"step {self.step + 1}: {e}; asynchronous runs do not restart engines: resume "
-                                        "the run (it issues the prompts in flight at its checkpoint again).") from None
                 lost = dict(self.driver.client.lost)
             box = [(result, lost)]
             dist.broadcast_object_list(box, src=0)
             result, lost = box[0]
-            if lost:
+            if lost:  # asynchronous: the producer's other requests are frozen meanwhile, as for a weight update
+                if self.producer is not None:
+                    self.producer.pause_engines()
                 restarts = self._restart_engines(lost, what, restarts, version=self.sync.version)
+                if self.producer is not None:
+                    self.producer.resume_engines(self.sync.version)
             if result is not None:
                 return result
 
@@ -303,9 +304,6 @@ class Trainer:
         try:
             self.sync.send()
         except WeightSyncError as e:  # raised on every rank
-            if self.asynchronous:
-                raise UserError(f"step {self.step + 1}: {e}; asynchronous runs do not restart engines: resume the "
-                                "run (it issues the prompts in flight at its checkpoint again).") from None
             # an engine may have died holding half the new weights, the others stuck in the transfer: all are
             # restarted and get the new weights in a new group
             self._restart_engines(self._every_engine(f"failed the weight sync ({first_sentence(e)})"),
@@ -334,8 +332,16 @@ class Trainer:
             return {}
         step, batch, train, engines = self._probe
         self._probe = None
-        box = [engines.result() if engines is not None else None]
+        box = [None]
+        if engines is not None:
+            try:
+                box = [engines.result()]
+            except Exception as e:  # an engine lost since; restarted, it is compared after the next update
+                print(f"warning: the weight check after step {step + 1} went unanswered ({first_sentence(e)}); "
+                      "skipped.", file=sys.stderr, flush=True)
         dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return {}
         per_mb = []
         if train is not None:  # the last pipeline stage
             mask = batch.prompt_mask.clone()

@@ -92,6 +92,10 @@ class RolloutClient:
         self.requests_sent = [0] * len(self.urls)
         self.lost: dict[int, str] = {}  # engine -> why; sent nothing until revived
 
+    @property
+    def all_lost(self) -> bool:
+        return len(self.lost) == len(self.urls)
+
     def revive(self, engines: Sequence[int]) -> None:
         """Engines restarted by their owner: send them requests again."""
         for i in engines:

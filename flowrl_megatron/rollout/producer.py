@@ -195,6 +195,8 @@ class RolloutProducer:
             while True:
                 if self._error is not None:
                     raise self._error
+                if self.d.client.all_lost and len(self._ready) < self.batch:
+                    raise EnginesLost(self.d.client.lost)  # the trainer restarts them, then takes again
                 for group in [g for g in self._ready if step - g.first_version > self.k]:
                     self._ready.remove(group)  # finished too late for its version: sample it again
                     del self._live[group.order]
@@ -212,6 +214,10 @@ class RolloutProducer:
             self._consumed += self.batch
         self._poke()
         return RolloutBatch(groups, dict(dropped), time.perf_counter() - start)
+
+    def engines_back(self) -> None:
+        """The trainer restarted the lost engines: issue prompts again."""
+        self._poke()
 
     def pause_engines(self) -> None:
         """Before a weight update (rank 0): issue nothing more, freeze (or drain) what is in flight."""
@@ -256,7 +262,8 @@ class RolloutProducer:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _admissible(self) -> bool:
-        return (not self._holding and self._consumed + len(self._live) < (self.version + self.k + 1) * self.batch)
+        return (not self._holding and not self.d.client.all_lost
+                and self._consumed + len(self._live) < (self.version + self.k + 1) * self.batch)
 
     def _run(self) -> None:
         try:
@@ -315,6 +322,12 @@ class RolloutProducer:
         try:
             samples = await self.d.client.generate_group(http, order, prompt.token_ids, self.d.sampling, seed,
                                                          salt=weight_salt(version))
+        except EnginesLost:  # issued again once the trainer has restarted them
+            with self._cv:
+                del self._live[order]
+                self._pending.appendleft(order)
+                self._cv.notify_all()
+            return
         finally:
             self._busy(-1)
         with self._cv:

@@ -102,11 +102,22 @@ class EnginesClient:
     def pause(self, mode: str) -> None:
         """Stop every engine's scheduler for a weight update with requests in flight: ``keep`` freezes them (they
         continue after ``resume``; the engine's KV and prefix caches are cleared, so what they compute next is
-        computed with the new weights), ``wait`` returns once they have all finished."""
-        self._post_all(f"pause?mode={mode}&clear_cache=true", [{}] * len(self.urls))
+        computed with the new weights), ``wait`` returns once they have all finished. An engine that does not
+        answer has nothing running to pause (the weight sync that follows finds it lost)."""
+        self._post_reachable(f"pause?mode={mode}&clear_cache=true")
 
     def resume(self) -> None:
-        self._post_all("resume", [{}] * len(self.urls))
+        self._post_reachable("resume")
+
+    def _post_reachable(self, route: str) -> None:
+        def post(url: str) -> None:
+            try:
+                self._post(url, route, {})
+            except httpx.TransportError:
+                pass
+
+        for f in [in_background(lambda u=url: post(u)) for url in self.urls]:
+            f.result()
 
     def shutdown_weight_transfer_engine(self) -> None:
         """Best effort: an engine that never joined (a restarted one) has nothing to release."""

@@ -106,9 +106,8 @@ class RolloutConfig:
     bucket_mib: int = setting(256, "weight-sync bucket size in MiB", ge=1)
     engine_hang_s: float = setting(60.0, "an engine with requests in flight that answers no health probe for this "
                                    "long is given up and restarted (its requests are retried)", gt=0)
-    engine_restarts: int = setting(2, "synchronous runs: times in one step the trainer restarts lost engines (killed, "
-                                   "hung, or failing a weight sync) and sends them the weights again before the run "
-                                   "stops", ge=0)
+    engine_restarts: int = setting(2, "times in one step the trainer restarts lost engines (killed, hung, or failing "
+                                   "a weight sync) and sends them the weights again before the run stops", ge=0)
     engine_urls: list[str] = setting([], "engines started elsewhere (`flowrl serve`, e.g. under srun) instead of by "
                                      "the trainer, one URL per engine; their key comes from FLOWRL_API_KEY")
     sync_address: str = setting("127.0.0.1", "where engines reach trainer rank 0 for weight sync (its node, "

@@ -88,12 +88,15 @@ class StepLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, resume_step: int) -> None:
+    def truncate_after(self, resume_step: int) -> list[dict]:
+        """Drop the records after what the checkpoint covers; the records kept."""
         if not self.path.exists():
-            return
+            return []
         last = kept_through(resume_step)
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= last]
-        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+        lines = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line]
+        keep = [(line, record) for line, record in lines if record["step"] <= last]
+        write_text_atomic(self.path, "".join(line + "\n" for line, _ in keep))
+        return [record for _, record in keep]
 
     def append(self, step: int, *records: dict) -> None:
         with self.path.open("a") as f:
@@ -110,12 +113,11 @@ class MetricsLog:
         from flowrl_megatron.tracking import Trackers
 
         self.jsonl = StepLog(Path(cfg.run_dir) / "metrics.jsonl")
-        self.jsonl.truncate_after(resume_step)
+        kept = self.jsonl.truncate_after(resume_step)
         self.trackers = Trackers(cfg, resume_step)
-        if self.jsonl.path.exists():
-            for record in read_metrics(cfg.run_dir):
-                step = record.pop("step")
-                self.trackers.log(step, record)
+        for record in kept:
+            step = record.pop("step")
+            self.trackers.log(step, record)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.jsonl.append(step, values)

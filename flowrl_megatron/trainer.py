@@ -214,11 +214,12 @@ class Trainer:
                 self.sync.send(version=version)
                 return restarts
             except WeightSyncError as e:  # on every rank
-                lost = self._every_engine(f"failed the weight sync ({first_sentence(e)})")
-                what = "sending weights to restarted engines"
+                lost, what = self._failed_sync(e), "sending weights to restarted engines"
 
-    def _every_engine(self, why: str) -> dict[int, str]:
-        return dict.fromkeys(range(self.cfg.rollout.engines), why)
+    def _failed_sync(self, e: Exception) -> dict[int, str]:
+        """Every engine, lost by a failed weight sync: one may hold half the new weights, the others may be stuck in
+        the transfer, so all are restarted and get the weights in a new group."""
+        return dict.fromkeys(range(self.cfg.rollout.engines), f"failed the weight sync ({first_sentence(e)})")
 
     def train_step(self, timer: PhaseTimer) -> dict[str, float]:
         """Train on one rollout batch and send the new weights to the engines; the step's metrics."""
@@ -304,10 +305,7 @@ class Trainer:
         try:
             self.sync.send()
         except WeightSyncError as e:  # raised on every rank
-            # an engine may have died holding half the new weights, the others stuck in the transfer: all are
-            # restarted and get the new weights in a new group
-            self._restart_engines(self._every_engine(f"failed the weight sync ({first_sentence(e)})"),
-                                  "syncing weights", 0, version=None)
+            self._restart_engines(self._failed_sync(e), "syncing weights", 0, version=None)
         if self.producer is not None:
             self.producer.resume_engines(self.sync.version)
 

@@ -215,10 +215,6 @@ class RolloutProducer:
         self._poke()
         return RolloutBatch(groups, dict(dropped), time.perf_counter() - start)
 
-    def engines_back(self) -> None:
-        """The trainer restarted the lost engines: issue prompts again."""
-        self._poke()
-
     def pause_engines(self) -> None:
         """Before a weight update (rank 0): issue nothing more, freeze (or drain) what is in flight."""
         with self._cv:

@@ -78,9 +78,15 @@ class EnginesClient:
         if r.status_code != 200:
             raise WeightSyncError(f"{url}/{route} answered HTTP {r.status_code}: {r.text[:500]}")
 
-    def _post_all(self, route: str, bodies: Sequence[dict]) -> None:
-        futures = [in_background(lambda u=url, b=body: self._post(u, route, b))
-                   for url, body in zip(self.urls, bodies, strict=True)]
+    def _post_all(self, route: str, bodies: Sequence[dict], skip_unreachable: bool = False) -> None:
+        def post(url: str, body: dict) -> None:
+            try:
+                self._post(url, route, body)
+            except httpx.TransportError:
+                if not skip_unreachable:
+                    raise
+
+        futures = [in_background(lambda u=url, b=body: post(u, b)) for url, body in zip(self.urls, bodies, strict=True)]
         for f in futures:
             f.result()
 
@@ -104,20 +110,10 @@ class EnginesClient:
         continue after ``resume``; the engine's KV and prefix caches are cleared, so what they compute next is
         computed with the new weights), ``wait`` returns once they have all finished. An engine that does not
         answer has nothing running to pause (the weight sync that follows finds it lost)."""
-        self._post_reachable(f"pause?mode={mode}&clear_cache=true")
+        self._post_all(f"pause?mode={mode}&clear_cache=true", [{}] * len(self.urls), skip_unreachable=True)
 
     def resume(self) -> None:
-        self._post_reachable("resume")
-
-    def _post_reachable(self, route: str) -> None:
-        def post(url: str) -> None:
-            try:
-                self._post(url, route, {})
-            except httpx.TransportError:
-                pass
-
-        for f in [in_background(lambda u=url: post(u)) for url in self.urls]:
-            f.result()
+        self._post_all("resume", [{}] * len(self.urls), skip_unreachable=True)
 
     def shutdown_weight_transfer_engine(self) -> None:
         """Best effort: an engine that never joined (a restarted one) has nothing to release."""

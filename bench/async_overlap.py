@@ -97,14 +97,14 @@ def main() -> None:
     args = p.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("this bench pins the engine and the trainer to separate cores: it needs 2 CPUs")
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.rewards.synthetic import write_answer_set_dataset
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "config.json").is_file():
-        make_tiny_qwen2(model, seed=0)
+        make_tiny_model(model, seed=0)
     data = write_answer_set_dataset(out / "train.jsonl", seed=0)
     results = {name: measure(run_one(name, overrides, model, data, out, args.steps), args.warmup)
                for name, overrides in RUNS}

@@ -53,13 +53,13 @@ def measure(mode: str, src: Path, dst: Path, shard_mb: int) -> int:
 
 
 def run(layers: list[int], hidden: int, ffn: int, shard_mb: int) -> dict[str, float]:
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="flowrl-convmem-") as tmp:
         for n in layers:
             root = Path(tmp) / f"l{n}"
-            src = make_tiny_qwen2(root / "hf", num_hidden_layers=n, hidden_size=hidden, intermediate_size=ffn,
+            src = make_tiny_model(root / "hf", num_hidden_layers=n, hidden_size=hidden, intermediate_size=ffn,
                                   num_attention_heads=hidden // 64, num_key_value_heads=2, head_dim=64,
                                   vocab_size=4096)
             model_bytes = (src / "model.safetensors").stat().st_size

@@ -64,14 +64,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.rollout.client import RolloutClient, SamplingConfig
     from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
 
     sampling = SamplingConfig(n=args.n, max_tokens=args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="flowrl-bench-client-") as tmp:
         model_dir = Path(tmp, "model")
-        make_tiny_qwen2(model_dir)
+        make_tiny_model(model_dir)
         prompts = prompts_of(args.prompts, 1000)
         cfg = EngineConfig(model=str(model_dir), max_model_len=256)
         # One vLLM at a time: two on 2 cores disturb each other more than anything measured here.

@@ -61,7 +61,7 @@ def main() -> None:
 
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup
     from flowrl_megatron.rollout.weight_buckets import buckets, pack
     from flowrl_megatron.rollout.weight_sync import EnginesClient, MegatronWeightSource, WeightSync
@@ -70,7 +70,7 @@ def main() -> None:
     bucket_bytes = args.bucket_mib * 1024**2
     with tempfile.TemporaryDirectory(prefix="flowrl-bench-sync-") as tmp:
         model_dir = Path(tmp, "model")
-        make_tiny_qwen2(model_dir, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+        make_tiny_model(model_dir, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, head_dim=64,
                         num_key_value_heads=2, vocab_size=args.vocab)
         arch = load_arch(model_dir)

@@ -208,13 +208,13 @@ def compare(args: argparse.Namespace) -> int:
 def make_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.rewards.synthetic import write_answer_set_dataset
 
     root = Path(args.dir)
     if (root / "model").exists():
         raise UserError(f"{root / 'model'} already exists; choose another directory or remove it.")
-    make_tiny_qwen2(root / "model", seed=args.seed)
+    make_tiny_model(root / "model", seed=args.seed)
     write_answer_set_dataset(root / "train.jsonl", seed=args.seed)
     print(f"wrote {root / 'model'} and {root / 'train.jsonl'}; now: flowrl train recipes/tiny_cpu.yaml")
     return 0

@@ -33,7 +33,7 @@ class Line:
 def layer_params(arch: ModelArch) -> int:
     h, d = arch.hidden_size, arch.head_dim
     q, kv = arch.num_heads * d, arch.num_kv_heads * d
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if arch.qkv_bias else 0)
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if arch.qkv_bias else 0) + (2 * d if arch.qk_norm else 0)
     return attention + 3 * h * arch.ffn_hidden_size + 2 * h
 
 

@@ -28,10 +28,10 @@ def test_parameter_counts_equal_the_real_modules(tmp_path, tied):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.models.z_head import ZHead
 
-    path = make_tiny_qwen2(tmp_path / "m", tie_embeddings=tied)
+    path = make_tiny_model(tmp_path / "m", tie_embeddings=tied)
     arch = load_arch(path)
     assert total_params(arch) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
     for variant in ("paper", "authors"):
@@ -114,9 +114,9 @@ def measure_memory(path: str, seq: int, rows: int) -> dict:
 
 
 def test_the_estimate_matches_memory_measured_on_cpu(tmp_path):
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
 
-    path = make_tiny_qwen2(tmp_path / "m", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+    path = make_tiny_model(tmp_path / "m", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                            num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=32000)
     seq, rows = 256, 16
     measured = run_distributed("tests.test_planner:measure_memory", 1, path=str(path), seq=seq, rows=rows)[0]

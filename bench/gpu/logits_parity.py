@@ -28,9 +28,9 @@ def prepare(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from flowrl_megatron.conversion.convert import hf_to_megatron
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
 
-    src = make_tiny_qwen2(out / "hf", seed=1)
+    src = make_tiny_model(out / "hf", seed=1)
     hf_to_megatron(src, out / "ckpt", tp=1, pp=1)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     with torch.no_grad():

@@ -11,7 +11,8 @@ checkpoint format:
   loads into either spec;
 - fused QKV is laid out per query group: [q heads of group 0, k_0, v_0, q heads of group 1, ...];
 - fused gate/up is [gate; up], split across TP as 2*TP chunks (rank r holds chunks r and r+TP);
-- the vocabulary is padded to ``ModelArch.padded_vocab_size`` with zero rows.
+- the vocabulary is padded to ``ModelArch.padded_vocab_size`` with zero rows;
+- Qwen3's per-head query/key norms (``q_norm``/``k_norm``, one vector of head_dim) are replicated across TP.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ def weight_rules(arch: ModelArch) -> list[WeightRule]:
                 0,
             )
         )
+    if arch.qk_norm:
+        rules += [
+            _layer_rule(f"self_attention.{m}_layernorm.weight", f"self_attention.{m}_layernorm.weight",
+                        (f"self_attn.{m}_norm.weight",), "copy", None)
+            for m in ("q", "k")
+        ]
     rules += [
         _layer_rule(
             "self_attention.linear_proj.weight",
@@ -149,6 +156,8 @@ def megatron_shape(rule: WeightRule, arch: ModelArch) -> tuple[int, ...]:
         LAYER_PREFIX + "self_attention.linear_qkv.layer_norm_weight": (h,),
         LAYER_PREFIX + "self_attention.linear_qkv.weight": (qkv_rows, h),
         LAYER_PREFIX + "self_attention.linear_qkv.bias": (qkv_rows,),
+        LAYER_PREFIX + "self_attention.q_layernorm.weight": (d,),
+        LAYER_PREFIX + "self_attention.k_layernorm.weight": (d,),
         LAYER_PREFIX + "self_attention.linear_proj.weight": (h, arch.num_heads * d),
         LAYER_PREFIX + "mlp.linear_fc1.layer_norm_weight": (h,),
         LAYER_PREFIX + "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, h),

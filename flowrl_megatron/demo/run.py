@@ -44,12 +44,12 @@ def prepare_output(out: Path, settings: dict) -> None:
 def build_reference(out: Path, *, prompts: int, answers: int, wrong_mass: float, seed: int) -> tuple[Path, Path]:
     """The task file and the warmed-up tiny Qwen2 (written under a temporary name, renamed when complete)."""
     from flowrl_megatron.demo.warmup import warm_up
-    from flowrl_megatron.models.tiny import make_tiny_qwen2
+    from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.rewards.synthetic import answer_set_rows, write_answer_set_dataset
 
     task = write_answer_set_dataset(out / "task.jsonl", prompts, answers, seed)
     partial = out / "model.partial"
-    make_tiny_qwen2(partial, seed=seed)
+    make_tiny_model(partial, seed=seed)
     losses = warm_up(partial, answer_set_rows(prompts, answers, seed), wrong_mass=wrong_mass, seed=seed)
     print(f"warm-up: loss {losses['first_loss']:.2f} -> {losses['last_loss']:.2f}", flush=True)
     model = partial.rename(out / "model")

@@ -14,11 +14,41 @@ from typing import Any
 
 from flowrl_megatron.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+
+@dataclass(frozen=True)
+class Family:
+    """What a decoder family fixes about its attention, whatever its config says."""
+
+    qkv_bias: bool
+    qk_norm: bool  # per-head RMSNorm on queries and keys before RoPE
+
+
+FAMILIES = {
+    "Qwen2ForCausalLM": Family(qkv_bias=True, qk_norm=False),
+    "Qwen3ForCausalLM": Family(qkv_bias=False, qk_norm=True),
+    "LlamaForCausalLM": Family(qkv_bias=False, qk_norm=False),
+    "MistralForCausalLM": Family(qkv_bias=False, qk_norm=False),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+               "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("default", "llama3")
 
 # Vocabulary rows are padded to a multiple of this, independent of TP, so that one
 # distributed checkpoint can be loaded at any TP that divides it (any power of two <= 128).
 VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.x's frequency-dependent RoPE scaling (``rope_type: llama3``): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, those shorter than
+    ``original_max_position_embeddings / high_freq_factor`` are kept, and the ones between are interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,8 @@ class ModelArch:
     qkv_bias: bool
     tie_embeddings: bool
     max_position_embeddings: int
+    qk_norm: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -77,41 +109,64 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise UserError(f"RoPE type {rope_type!r} is not supported yet; only the default RoPE is implemented.")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+    """RoPE base and scaling from either transformers 5's ``rope_parameters`` or the older ``rope_theta`` and
+    ``rope_scaling`` fields."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"RoPE type {rope_type!r} (rope_scaling.rope_type) is not supported; supported: "
+                        f"{', '.join(ROPE_TYPES)}.")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [f for f in fields if params.get(f) is None]
+    if missing:
+        raise UserError(f"llama3 RoPE scaling needs {', '.join(missing)} in rope_scaling; copy them from the "
+                        "model's original config.json.")
+    return theta, Llama3RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                                    float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+
+
+def _refuse_unsupported(cfg: dict[str, Any], name: str) -> None:
+    """One sentence for the first thing ``cfg`` asks for that the Megatron model does not implement."""
+    experts = [k for k in ("num_experts", "num_local_experts", "n_routed_experts") if cfg.get(k)]
+    if experts:
+        raise UserError(f"{experts[0]}={cfg[experts[0]]} asks for a mixture-of-experts model, which is not "
+                        "supported; only dense models are.")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported; only SwiGLU (silu) is.")
+    sliding = cfg.get("use_sliding_window") if "Qwen" in name else cfg.get("sliding_window") is not None
+    layer_types = set(cfg.get("layer_types") or ["full_attention"])
+    if sliding or layer_types != {"full_attention"}:
+        field = "layer_types" if layer_types != {"full_attention"} else (
+            "use_sliding_window" if "Qwen" in name else "sliding_window")
+        raise UserError(f"{field} asks for sliding-window attention, which is not supported; only full attention "
+                        "in every layer is.")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError("partial_rotary_factor below 1 is not supported; RoPE must rotate the whole head.")
+    if cfg.get("mlp_bias"):
+        raise UserError("mlp_bias=true is not supported; only bias-free MLPs are.")
+    if name != "Qwen2ForCausalLM" and cfg.get("attention_bias"):
+        raise UserError("attention_bias=true (biases on q, k, v and the output projection) is not supported for "
+                        f"{name}; only Qwen2's QKV biases are.")
+    asks_qk_norm = [k for k in ("use_qk_norm", "qk_layernorm", "qk_norm") if cfg.get(k)]
+    if asks_qk_norm and not FAMILIES[name].qk_norm:
+        raise UserError(f"{asks_qk_norm[0]}=true asks for query/key norms, which {name} does not have; only "
+                        "Qwen3ForCausalLM has them.")
 
 
 def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
-    """Translate a Hugging Face config dict; unsupported features fail with a clear sentence."""
+    """Translate a Hugging Face config dict; anything unsupported fails here, before any work, in one sentence."""
     archs = cfg.get("architectures") or []
-    name = (
-        archs[0]
-        if archs
-        else {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(
-            cfg.get("model_type", ""), str(cfg.get("model_type"))
-        )
-    )
-    if name not in SUPPORTED_ARCHITECTURES:
+    name = archs[0] if archs else MODEL_TYPES.get(cfg.get("model_type", ""), str(cfg.get("model_type")))
+    if name not in FAMILIES:
         raise UserError(f"architecture {name!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"activation {cfg['hidden_act']!r} is not supported; only SwiGLU (silu) is.")
-    if cfg.get("use_sliding_window"):
-        raise UserError("sliding-window attention is not supported; set use_sliding_window to false.")
-    if name != "Qwen2ForCausalLM" and cfg.get("mlp_bias"):
-        raise UserError("MLP biases are not supported; only QKV biases are.")
+    _refuse_unsupported(cfg, name)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    if name == "Qwen2ForCausalLM":
-        qkv_bias = True
-    else:
-        qkv_bias = bool(cfg.get("attention_bias", False))
-        if qkv_bias:
-            raise UserError("Llama attention_bias=true also adds an output-projection bias, which is not supported.")
+    theta, scaling = _rope(cfg)
     return ModelArch(
         architecture=name,
         vocab_size=int(cfg["vocab_size"]),
@@ -122,10 +177,12 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or hidden // heads),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(cfg),
-        qkv_bias=qkv_bias,
+        rope_theta=theta,
+        qkv_bias=FAMILIES[name].qkv_bias,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        qk_norm=FAMILIES[name].qk_norm,
+        rope_scaling=scaling,
     )
 
 

@@ -7,12 +7,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 
 from flowrl_megatron.config import ZHeadConfig
-from flowrl_megatron.models.arch import ModelArch
+from flowrl_megatron.models.arch import Llama3RopeScaling, ModelArch
 from flowrl_megatron.models.policy import PolicyModel
 
 
@@ -33,15 +34,16 @@ def takes_packed_sequences(attention: str = "default") -> bool:
     return attention == "sdpa" or transformer_engine_available()
 
 
-def layer_spec(use_te: bool | None = None, attention: str = "default") -> ModuleSpec:
+def layer_spec(qk_norm: bool, use_te: bool | None = None, attention: str = "default") -> ModuleSpec:
     """transformer-engine's spec when it is usable, else megatron-core's local spec; ``attention="sdpa"``: the
-    local spec with torch's scaled_dot_product_attention as its core attention."""
+    local spec with torch's scaled_dot_product_attention as its core attention. ``qk_norm``: RMSNorm on each
+    query and key head (Qwen3)."""
     if use_te is None:
         use_te = transformer_engine_available() and attention == "default"
     if attention == "sdpa":
         from flowrl_megatron.models.sdpa_attention import SDPAttention
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
         return spec
     if use_te:
@@ -49,8 +51,8 @@ def layer_spec(use_te: bool | None = None, attention: str = "default") -> Module
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
 
 
 def transformer_config(
@@ -81,6 +83,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,  # also makes finalize_model_grads sum these norms' grads over TP
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -122,7 +125,7 @@ def build_gpt_model(
     model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
     model = model_cls(
         config=config,
-        transformer_layer_spec=layer_spec(use_te, attention),
+        transformer_layer_spec=layer_spec(arch.qk_norm, use_te, attention),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -133,9 +136,27 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=arch.rope_theta,
     )
+    if arch.rope_scaling is not None:
+        scale_rope(model.rotary_pos_emb, arch.rope_scaling)
     if torch.cuda.is_available():
         model = model.cuda()
     return model
+
+
+def scale_rope(rope: RotaryEmbedding, scaling: Llama3RopeScaling) -> None:
+    """Llama 3.x's RoPE frequencies with the config's own factors and original context length.
+
+    megatron-core's ``rope_scaling`` switch fixes low/high frequency factors 1 and 4 and an original context of
+    8192 (Llama 3.1's); its formula is reused with the values this model was trained with. Set before the first
+    forward, which caches the rotary embeddings.
+    """
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq,
+        factor=scaling.factor,
+        low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+    )
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:

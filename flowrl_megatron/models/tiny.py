@@ -20,6 +20,17 @@ TINY_QWEN2 = dict(
     rms_norm_eps=1e-6,
     rope_theta=500000.0,
 )
+# Llama 3.x: no biases, llama3 RoPE scaling over an original context of 64 tokens, so that sequences of a few
+# hundred tokens reach the positions where the scaling matters.
+TINY_LLAMA = {
+    **{k: v for k, v in TINY_QWEN2.items() if k != "rope_theta"},
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+}
+# Qwen3: heads of 64, so that heads x head_dim (256) differs from the hidden size, as in Qwen3-0.6B.
+TINY_QWEN3 = {**TINY_QWEN2, "head_dim": 64}
+FAMILIES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}  # family -> transformers' class prefix
+TINY = {"qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "llama": TINY_LLAMA}
 
 
 def make_tokenizer(out_dir: Path) -> None:
@@ -36,22 +47,36 @@ def make_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(str(out_dir))
 
 
-def make_tiny_qwen2(
+def make_tiny_model(
     out_dir: str | Path,
+    family: str = "qwen2",
     *,
     tie_embeddings: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     **overrides: object,
 ) -> Path:
-    """Save a randomly initialised ``Qwen2ForCausalLM`` (plus tokenizer) to ``out_dir``."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    """Save a randomly initialised model of ``family``'s own transformers class (plus tokenizer) to ``out_dir``.
 
+    ``overrides`` must be fields of that family's config: transformers keeps unknown keywords silently, so a
+    misspelt or foreign field would otherwise build a different model than the caller asked for.
+    """
+    import transformers
+    from transformers import GenerationConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}.")
+    config_cls = getattr(transformers, f"{FAMILIES[family]}Config")
+    model_cls = getattr(transformers, f"{FAMILIES[family]}ForCausalLM")
+    unknown = sorted(set(overrides) - set(config_cls().to_dict()))
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} has no field {', '.join(unknown)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen2Config(**{**TINY_QWEN2, **overrides}, tie_word_embeddings=tie_embeddings, bos_token_id=0, eos_token_id=0)
+    cfg = config_cls(**{**TINY[family], **overrides}, tie_word_embeddings=tie_embeddings, bos_token_id=0,
+                     eos_token_id=0)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).to(dtype)
+    model = model_cls(cfg).to(dtype)
     with torch.no_grad():
         # Random init leaves biases and norms at 0/1; perturb them so the mapping is fully tested.
         for name, p in model.named_parameters():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from flowrl_megatron.conversion.convert import hf_to_megatron, megatron_to_hf
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader, TensorChunk, extra_state_bytes, save_streaming
 from flowrl_megatron.conversion.hf_io import HFReader
-from flowrl_megatron.models.tiny import make_tiny_qwen2
+from flowrl_megatron.models.tiny import make_tiny_model
 from tests.distributed import REPO
 
 
@@ -31,20 +31,24 @@ def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied", "tiny_llama"])
-def test_round_trip_tp2_pp2_is_bit_exact(fixture, request, tmp_path):
+@pytest.mark.parametrize(
+    ("fixture", "tp", "pp"),
+    [("tiny_untied", 2, 2), ("tiny_tied", 2, 2), ("tiny_llama", 2, 2), ("tiny_qwen3", 2, 2), ("tiny_qwen3", 1, 4),
+     ("tiny_qwen3", 2, 1)],
+)
+def test_round_trip_is_bit_exact(fixture, tp, pp, request, tmp_path):
     src = request.getfixturevalue(fixture)
-    ckpt = hf_to_megatron(src, tmp_path / "ckpt", tp=2, pp=2)
+    ckpt = hf_to_megatron(src, tmp_path / "ckpt", tp=tp, pp=pp)
     out = megatron_to_hf(ckpt, tmp_path / "hf")
     assert_bit_exact(hf_tensors(src), hf_tensors(out))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
-    assert ("lm_head.weight" in HFReader(out)) == (fixture != "tiny_tied")
+    assert ("lm_head.weight" in HFReader(out)) == (fixture not in ("tiny_tied", "tiny_qwen3"))
     assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_bfloat16_source_keeps_its_dtype(tmp_path):
-    src = make_tiny_qwen2(tmp_path / "bf16", dtype=torch.bfloat16, num_hidden_layers=2)
+    src = make_tiny_model(tmp_path / "bf16", dtype=torch.bfloat16, num_hidden_layers=2)
     out = megatron_to_hf(hf_to_megatron(src, tmp_path / "ckpt", tp=2), tmp_path / "hf")
     tensors = hf_tensors(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
@@ -170,7 +174,7 @@ def test_megatron_to_hf_rejects_bad_input(tiny_untied, tmp_path):
     assert_clean_failure(run_tool("megatron_to_hf", "--input", str(ckpt), "--output", str(output)),
                          "the checkpoint is incomplete or corrupt", output)
 
-    other = make_tiny_qwen2(tmp_path / "other", num_hidden_layers=2)
+    other = make_tiny_model(tmp_path / "other", num_hidden_layers=2)
     ckpt2 = hf_to_megatron(tiny_untied, tmp_path / "ckpt2")
     result = run_tool("megatron_to_hf", "--input", str(ckpt2), "--output", str(output), "--hf-config", str(other))
     assert_clean_failure(result, "the checkpoint and config are from different models", output)

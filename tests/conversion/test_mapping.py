@@ -20,7 +20,7 @@ from flowrl_megatron.models.arch import load_arch
 from tests.distributed import run_distributed
 
 
-@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied"])
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied", "tiny_qwen3"])
 def test_to_hf_inverts_to_megatron_and_tp_merge_inverts_tp_shard(fixture, request):
     arch = load_arch(request.getfixturevalue(fixture))
     g = torch.Generator().manual_seed(0)
@@ -37,7 +37,7 @@ def test_to_hf_inverts_to_megatron_and_tp_merge_inverts_tp_shard(fixture, reques
             assert torch.equal(tp_merge(rule, shards), full), (rule.key, tp)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied", "tiny_llama"])
+@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied", "tiny_llama", "tiny_qwen3"])
 def test_hf_metadata_names_every_checkpoint_tensor_once_with_its_shape(fixture, request):
     """What weight-sync receivers size their buffers from must be exactly the HF checkpoint's tensors."""
     from safetensors import safe_open
@@ -66,25 +66,29 @@ def test_qkv_is_interleaved_per_query_group(tiny_untied):
     assert torch.equal(tp_shard(rule, rows, 2, 1), torch.cat([q[2 * d :, 0], k[d:, 0], v[d:, 0]]))
 
 
+FAMILIES = ["tiny_untied", "tiny_tied", "tiny_llama", "tiny_qwen3"]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("fixture", ["tiny_untied", "tiny_tied"])
-def test_mapping_matches_megatron_sharded_state_dict(fixture, request):
-    """Keys, global shapes and stored pieces equal what a real GPTModel at TP2 x PP2 declares."""
-    model_dir = request.getfixturevalue(fixture)
-    arch = load_arch(model_dir)
-    per_rank = run_distributed("tests.models.workers:sharded_layout", 4, config_dir=str(model_dir), tp=2, pp=2)
-    megatron: dict[str, set] = {}
-    for found in per_rank:
-        for key, entries in found.items():
-            megatron.setdefault(key, set()).update(tuple(map(tuple, e)) if e != "object" else e for e in entries)
-    objects = {k for k in megatron if "/shard_" in k}
-    assert objects == {
-        f"decoder.layers.{m}._extra_state/shard_{i}_{arch.num_layers}"
-        for m in EXTRA_STATE_MODULES
-        for i in range(arch.num_layers)
-    }
-    rules = weight_rules(arch)
-    assert set(megatron) - objects == {r.key for r in rules}
-    for rule in rules:
-        ours = {(global_shape(rule, arch), c.offsets, c.sizes) for c in checkpoint_chunks(rule, arch, tp=2)}
-        assert megatron[rule.key] == ours, rule.key
+def test_mapping_matches_megatron_sharded_state_dict(request):
+    """Keys, global shapes and stored pieces equal what a real GPTModel at TP2 x PP2 declares, for every family."""
+    dirs = [request.getfixturevalue(f) for f in FAMILIES]
+    per_rank = run_distributed("tests.models.workers:sharded_layouts", 4, config_dirs=[str(d) for d in dirs], tp=2,
+                               pp=2)
+    for i, (fixture, model_dir) in enumerate(zip(FAMILIES, dirs, strict=True)):
+        arch = load_arch(model_dir)
+        megatron: dict[str, set] = {}
+        for found in (rank[i] for rank in per_rank):
+            for key, entries in found.items():
+                megatron.setdefault(key, set()).update(tuple(map(tuple, e)) if e != "object" else e for e in entries)
+        objects = {k for k in megatron if "/shard_" in k}
+        assert objects == {
+            f"decoder.layers.{m}._extra_state/shard_{i}_{arch.num_layers}"
+            for m in EXTRA_STATE_MODULES
+            for i in range(arch.num_layers)
+        }, fixture
+        rules = weight_rules(arch)
+        assert set(megatron) - objects == {r.key for r in rules}, fixture
+        for rule in rules:
+            ours = {(global_shape(rule, arch), c.offsets, c.sizes) for c in checkpoint_chunks(rule, arch, tp=2)}
+            assert megatron[rule.key] == ours, (fixture, rule.key)

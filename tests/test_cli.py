@@ -224,6 +224,18 @@ def test_plan_takes_overrides_after_options_and_falls_back_to_the_published_conf
     assert out.out.strip().endswith("fits.")
 
 
+@pytest.mark.parametrize(("recipe", "config"), [
+    ("qwen2.5_7b_math.yaml", "qwen2.5-7b"), ("qwen3_8b_math.yaml", "qwen3-8b"),
+    ("deepseek_r1_distill_qwen_7b_code.yaml", "deepseek-r1-distill-qwen-7b"),
+])
+def test_each_recipe_plans_as_its_header_says(recipe, config, capsys):
+    """``flowrl plan RECIPE``, as each header gives it, with the model not downloaded yet."""
+    code = run_command(["plan", str(REPO / "recipes" / recipe)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"model_configs/{config} instead" in out.err and out.out.strip().endswith("fits.")
+
+
 def test_train_help_lists_every_setting_with_its_range(capsys):
     from flowrl_megatron.config import RunConfig, to_dict
 

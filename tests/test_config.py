@@ -38,16 +38,27 @@ def test_override_values_are_yaml():
     assert parse_override("flag=true") == {"flag": True}
 
 
-def test_the_7b_recipe_has_the_papers_hyperparameters():
+# FLOWRL.md's table of the paper's runs: prompts per step, rollout TP, temperature, reward, template.
+PAPER_COLUMNS = {
+    "qwen2.5_7b_math.yaml": (512, 1, 1.0, "math", "dapo"),
+    "qwen3_8b_math.yaml": (512, 1, 1.0, "math", "dapo"),  # the paper has no Qwen3 run: its math 7B column
+    "deepseek_r1_distill_qwen_7b_code.yaml": (64, 2, 0.6, "code", "chat"),
+}
+
+
+@pytest.mark.parametrize("recipe", list(PAPER_COLUMNS))
+def test_the_7b_and_8b_recipes_have_the_papers_hyperparameters(recipe):
     from tests.distributed import REPO
 
-    cfg = load_config(REPO / "recipes" / "qwen2.5_7b_math.yaml", check=False)
+    cfg = load_config(REPO / "recipes" / recipe, check=False)
     t, r, a = cfg.train, cfg.rollout, cfg.algorithm
-    assert (t.prompts_per_step, r.n, t.mini_batch_prompts, t.epochs) == (512, 8, 32, 1)
+    assert (t.prompts_per_step, r.engine_tp, r.temperature, cfg.reward.name, cfg.data.template) == PAPER_COLUMNS[recipe]
+    assert (r.n, t.mini_batch_prompts, t.epochs) == (8, 32, 1)
     assert (t.lr, t.weight_decay, t.warmup_steps, t.grad_clip) == (1e-6, 0.1, 10, 1.0)
-    assert (cfg.data.max_prompt_tokens, r.max_response_tokens, r.temperature, r.top_p) == (2048, 8192, 1.0, 1.0)
-    assert (a.name, a.beta, a.importance_weight, a.clip_eps, cfg.data.template) == ("flowrl", 15.0, "clip", 0.2, "dapo")
+    assert (cfg.data.max_prompt_tokens, r.max_response_tokens, r.top_p) == (2048, 8192, 1.0)
+    assert (a.name, a.beta, a.importance_weight, a.clip_eps) == ("flowrl", 15.0, "clip", 0.2)
     assert r.max_staleness == 0  # the paper's runs are synchronous
+    assert cfg.world_size == 8 and r.engines * r.engine_tp == 8  # the paper's 8 GPUs each for training and rollout
 
 
 def test_the_tiny_recipe_validates_after_make_tiny(tmp_path, monkeypatch):

@@ -19,19 +19,23 @@ CONFIGS = REPO / "recipes" / "model_configs"
 
 
 def test_parameter_counts_of_the_published_models():
+    """The published checkpoints' sizes (safetensors index total_size / 2 bytes in bfloat16)."""
     assert total_params(load_arch(CONFIGS / "qwen2.5-32b")) == 32_763_876_352
     assert total_params(load_arch(CONFIGS / "qwen2.5-7b")) == 7_615_616_512
+    assert total_params(load_arch(CONFIGS / "qwen3-8b")) == 8_190_735_360  # "8.2B"
+    assert total_params(load_arch(CONFIGS / "qwen3-32b")) == 32_762_123_264  # "32.8B"
+    assert total_params(load_arch(CONFIGS / "deepseek-r1-distill-qwen-7b")) == 7_615_616_512  # Qwen2.5-Math-7B's shape
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_parameter_counts_equal_the_real_modules(tmp_path, tied):
+@pytest.mark.parametrize(("family", "tied"), [("qwen2", False), ("qwen3", True), ("llama", False)])
+def test_parameter_counts_equal_the_real_modules(tmp_path, family, tied):
     import torch
     from transformers import AutoModelForCausalLM
 
     from flowrl_megatron.models.tiny import make_tiny_model
     from flowrl_megatron.models.z_head import ZHead
 
-    path = make_tiny_model(tmp_path / "m", tie_embeddings=tied)
+    path = make_tiny_model(tmp_path / "m", family, tie_embeddings=tied)
     arch = load_arch(path)
     assert total_params(arch) == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
     for variant in ("paper", "authors"):

@@ -72,8 +72,8 @@ def test_qwen3_has_query_key_norms_and_no_biases_whatever_its_head_dim():
         ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window asks for sliding-window"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"RoPE type 'yarn' \(rope_scaling.rope_type\) is not "
                                                                 r"supported; supported: default, llama3"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling needs low_freq_factor, "
-                                                                   "high_freq_factor, original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+         "llama3 RoPE scaling needs low_freq_factor, high_freq_factor, original_max_position_embeddings"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor below 1 is not supported"),
         ({"architectures": ["LlamaForCausalLM"], "mlp_bias": True}, "mlp_bias=true is not supported"),
         ({"architectures": ["LlamaForCausalLM"], "attention_bias": True}, "output projection"),

@@ -54,9 +54,11 @@ def setting(default: Any, doc: str, *, ge: float | None = None, gt: float | None
     return field(default=default, metadata=meta)
 
 
-Algorithm = Literal["flowrl", "grpo", "reinforce_pp"]
+Algorithm = Literal["flowrl", "grpo", "reinforce_pp", "gspo"]
 ImportanceWeight = Literal["clip", "cap", "none", "mask"]
 RewardNormalization = Literal["group", "batch", "none"]
+DEFAULT_CLIP = 0.2  # PPO's, the FlowRL paper's and GRPO's
+GSPO_CLIP = (3e-4, 4e-4)  # the GSPO paper's (low, high): sequence ratios are length-normalised, so they stay near 1
 
 
 @dataclass
@@ -92,6 +94,10 @@ class RewardConfig:
                         nonempty=True)
     workers: int = setting(2, "reward worker processes", ge=1)
     timeout_s: float = setting(10.0, "per sample; a timeout scores as wrong and is counted", gt=0)
+    overlong_buffer: int = setting(0, "DAPO's overlong reward shaping: a response within this many tokens of "
+                                   "rollout.max_response_tokens loses overlong_penalty x its share of the buffer "
+                                   "used (all of it at the limit); 0: off", ge=0)
+    overlong_penalty: float = setting(1.0, "overlong_buffer: the penalty at the response limit", ge=0)
 
 
 @dataclass
@@ -126,18 +132,42 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Algorithm = setting("flowrl", "the objective: FlowRL, or the GRPO / REINFORCE++ baselines")
+    name: Algorithm = setting("flowrl", "the objective: FlowRL, or the GRPO / REINFORCE++ / GSPO baselines (GSPO: "
+                              "the length-normalised sequence ratio, clipped per sequence)")
     beta: float = setting(15.0, "FlowRL reward temperature (the paper's best; the authors' code hard-codes 15)",
                           gt=0)
     importance_weight: ImportanceWeight = setting(
         "clip", "paper: clip; authors' current code: cap; at publication: none; mask: clip, and sequences whose "
         "per-token geometric-mean ratio leaves [1 - mask_eps, 1 + mask_eps] get weight 0")
-    clip_eps: float = setting(0.2, "importance weights are clipped to [1 - clip_eps, 1 + clip_eps]", gt=0, lt=1)
+    clip_eps: float | None = setting(None, "ratios (FlowRL: importance weights) are clipped to [1 - clip_eps, 1 + "
+                                     "clip_eps_high]; empty: the algorithm's own, 0.2 (GSPO: 3e-4)", gt=0, lt=1)
+    clip_eps_high: float | None = setting(None, "the upper clip range; above clip_eps it is DAPO's clip-higher (e.g. "
+                                          "0.28 with clip_eps 0.2); empty: clip_eps (GSPO: 4e-4)", gt=0)
     weight_cap: float = setting(10.0, "importance_weight=cap: the largest weight", gt=0)
     mask_eps: float = setting(0.1, "importance_weight=mask: the band a sequence's ratio must stay in", gt=0, lt=1)
     reward_normalization: RewardNormalization | None = setting(
         None, "empty: the algorithm's own (group for FlowRL and GRPO, batch for REINFORCE++)")
     kl_coef: float = setting(0.0, "GRPO / REINFORCE++: k3 KL-to-reference penalty per token", ge=0)
+    mask_truncated: bool = setting(False, "DAPO's overlong filtering: responses cut at rollout.max_response_tokens "
+                                   "are left out of the loss (and of its average)")
+    dynamic_sampling: bool = setting(False, "DAPO's dynamic sampling (a baseline option: FlowRL's ratio-restoring "
+                                     "force acts in the all-correct groups): groups whose rewards are all equal are "
+                                     "dropped and more prompts sampled until the batch is full")
+    dynamic_sampling_rounds: int = setting(4, "dynamic_sampling: sampling rounds per step at most (the first "
+                                           "included) before the run stops saying the data is too easy or too hard",
+                                           ge=1)
+
+    @property
+    def clip_low(self) -> float:
+        if self.clip_eps is not None:
+            return self.clip_eps
+        return GSPO_CLIP[0] if self.name == "gspo" else DEFAULT_CLIP
+
+    @property
+    def clip_high(self) -> float:
+        if self.clip_eps_high is not None:
+            return self.clip_eps_high
+        return GSPO_CLIP[1] if self.name == "gspo" and self.clip_eps is None else self.clip_low
 
     @property
     def normalization(self) -> RewardNormalization:
@@ -425,6 +455,13 @@ def validate(cfg: RunConfig) -> None:
     check_reward_name(r.name)
     if ro.n < 2 and cfg.algorithm.normalization == "group":
         raise UserError(f"rollout.n={ro.n}: group-normalised rewards need at least 2 responses per prompt.")
+    algo = cfg.algorithm
+    if algo.kl_coef and algo.name not in ("grpo", "reinforce_pp"):
+        raise UserError(f"algorithm.kl_coef is a per-token penalty of grpo and reinforce_pp, not of {algo.name}; set "
+                        "it to 0 (FlowRL's objective already holds the policy to the reference).")
+    if r.overlong_buffer >= ro.max_response_tokens:
+        raise UserError(f"reward.overlong_buffer={r.overlong_buffer} must be below rollout.max_response_tokens="
+                        f"{ro.max_response_tokens} (DAPO: 4096 of 20480).")
     if t.prompts_per_step % t.mini_batch_prompts:
         raise UserError(f"train.prompts_per_step={t.prompts_per_step} is not a multiple of "
                         f"train.mini_batch_prompts={t.mini_batch_prompts}.")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from flowrl_megatron.algorithms.advantages import overlong_penalty
 from flowrl_megatron.algorithms.losses import normalize_rewards
 from flowrl_megatron.checkpoint import (
     latest_checkpoint,
@@ -227,7 +228,13 @@ class Trainer:
         rollouts: RolloutBatch = self._from_engines(lambda: self._next_rollouts(timer), "generating rollouts")
         full = build_batch(rollouts.groups)
         version = self.sync.version
+        correct = (full.rewards > 0.5).float().mean().item()
+        penalty = overlong_penalty(full.response_mask.sum(1), cfg.rollout.max_response_tokens,
+                                   cfg.reward.overlong_buffer, cfg.reward.overlong_penalty)
+        full.rewards = full.rewards + penalty
         full.advantages = normalize_rewards(algo, full.rewards, full.group_ids)
+        if algo.mask_truncated:
+            full.keep = ~full.truncated
         if self.asynchronous:  # only samples of these very weights can be compared with them
             full.current = (full.first_version == version) & (full.last_version == version)
         rows = t.mini_batch_prompts * cfg.rollout.n
@@ -282,7 +289,8 @@ class Trainer:
             self.rollout_log.append(self.step, {"trained": [[g.order, g.prompt.row, g.first_version, g.last_version]
                                                             for g in rollouts.groups], "dropped": rollouts.dropped})
         return {**self._step_metrics(full, rollouts, totals, mismatch, grad_norms, version), **probe,
-                "optim/skipped_updates": float(skipped)}
+                "reward/accuracy": correct, "optim/skipped_updates": float(skipped),
+                **({"reward/overlong_penalty": penalty.mean().item()} if cfg.reward.overlong_buffer else {})}
 
     def _check_rollout_mismatch(self, stats: dict[str, float]) -> Mismatch | None:
         """The engines' log-probs against the trainer's, before any update, on the samples these weights sampled
@@ -355,7 +363,6 @@ class Trainer:
         staleness = (version - full.first_version).float()
         out = {
             "reward/mean": full.rewards.mean().item(),
-            "reward/accuracy": (full.rewards > 0.5).float().mean().item(),
             "reward/timeouts": float(rollouts.reward_timeouts),
             "reward/errors": float(rollouts.reward_errors),
             **({"reward/test_pass_fraction": rollouts.test_pass_fraction}
@@ -372,6 +379,8 @@ class Trainer:
             "weights/version": float(self.sync.version),
             "count/response_tokens": lengths.sum().item(),
         }
+        if self.cfg.algorithm.dynamic_sampling:
+            out["rollout/dropped_equal_rewards"] = float(rollouts.dropped.get("equal_rewards", 0))
         if mismatch is not None:
             out.update({"mismatch/abs_diff": mismatch.mean_abs_diff, "mismatch/prob_ratio": mismatch.mean_prob_ratio,
                         "mismatch/abs_diff_max": mismatch.max_abs_diff})

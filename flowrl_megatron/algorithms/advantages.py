@@ -1,4 +1,5 @@
-"""Reward normalisation: per prompt group (FlowRL, GRPO) or over the whole batch (REINFORCE++)."""
+"""From rewards to advantages: DAPO's overlong shaping, then normalisation per prompt group (FlowRL, GRPO, GSPO) or
+over the whole batch (REINFORCE++)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ def batch_normalized(rewards: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     if r.numel() < 2 or torch.all(r == r[0]):
         return torch.zeros_like(r)
     return (r - r.mean()) / (r.std(unbiased=True) + eps)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, to be added to the rewards: 0 up to ``max_tokens - buffer`` response tokens,
+    then falling linearly to ``-penalty`` at ``max_tokens``."""
+    if not buffer:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    excess = (lengths.float() - (max_tokens - buffer)).clamp(min=0, max=buffer)
+    return -penalty * excess / buffer

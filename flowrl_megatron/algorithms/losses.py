@@ -1,8 +1,9 @@
-"""FlowRL and the clipped-surrogate baselines (GRPO, REINFORCE++), on per-token log-probs.
+"""FlowRL and the clipped-surrogate baselines (GRPO, REINFORCE++, GSPO), on per-token log-probs.
 
 Every loss returns ``(sum of per-unit losses, number of units, stats)``. The unit is the
-sequence for FlowRL (the paper's sequence-mean aggregation) and the response token for the
-clipped surrogate (token-mean over the batch). megatron-core's schedule is run with
+sequence for FlowRL (the paper's sequence-mean aggregation) and GSPO, and the response token for
+the token-level clipped surrogate (token-mean over the batch). Samples outside ``keep`` (DAPO's
+overlong filtering) add nothing to either. megatron-core's schedule is run with
 ``calculate_per_token_loss`` so the sums and counts are added over micro-batches and
 data-parallel ranks before dividing: the gradient is the same for any micro-batch size,
 micro-batch count or DP size.
@@ -42,6 +43,13 @@ class LossInputs:
     log_z: torch.Tensor | None = None  # [b] FlowRL partition function of each prompt
     group_ids: torch.Tensor | None = None  # [b] prompt group in range(groups): per-group stats when given
     groups: int = 0
+    keep: torch.Tensor | None = None  # [b] bool: samples in the loss (None: all)
+
+    def kept(self) -> torch.Tensor:
+        """[b] float: 1 for the samples in the loss."""
+        if self.keep is None:
+            return torch.ones(self.advantages.shape[0], dtype=self.logprobs.dtype, device=self.logprobs.device)
+        return self.keep.to(self.logprobs.dtype)
 
 
 def normalize_rewards(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -70,7 +78,7 @@ def importance_weight(cfg: AlgorithmConfig, log_w: torch.Tensor) -> tuple[torch.
     """Sequence-level ``pi/pi_old`` (detached), transformed per the variant; also whether it was clipped."""
     w = log_w.detach().exp()
     if cfg.importance_weight in ("clip", "mask"):
-        used = w.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+        used = w.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     elif cfg.importance_weight == "cap":
         used = w.clamp(max=cfg.weight_cap)
     else:
@@ -99,7 +107,7 @@ def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
     log_ratio = x.logprobs - x.old_logprobs
     w, clipped = importance_weight(cfg, _masked_sum(log_ratio, mask))
     kept = sequence_mask(cfg, log_ratio, mask)
-    w = w * kept
+    w = w * kept * x.kept()
     per_seq = w * residual.pow(2)
     stats = {
         "seq/loss": per_seq.detach().sum(),
@@ -116,18 +124,19 @@ def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
     }
     if cfg.importance_weight == "mask":
         stats["seq/mask_fraction"] = (1 - kept).sum()
-    return per_seq.sum(), torch.tensor(per_seq.numel(), dtype=torch.int), stats
+    return per_seq.sum(), x.kept().sum().to(torch.int), stats
 
 
 def clipped_surrogate_loss(
     cfg: AlgorithmConfig, x: LossInputs
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clipped token-level surrogate with a sequence advantage (GRPO, REINFORCE++), token-mean."""
-    mask = x.response_mask.float()
+    """PPO-clipped token-level surrogate with a sequence advantage (GRPO, REINFORCE++), token-mean; asymmetric clip
+    range with ``clip_eps_high`` (DAPO's clip-higher)."""
+    mask = x.response_mask.float() * x.kept().unsqueeze(-1)
     log_ratio = x.logprobs - x.old_logprobs
     ratio = log_ratio.exp()
     adv = x.advantages.unsqueeze(-1)
-    clipped_ratio = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    clipped_ratio = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     kept = sequence_mask(cfg, log_ratio, mask)
     per_tok = -torch.minimum(ratio * adv, clipped_ratio * adv) * kept.unsqueeze(-1)
     stats: dict[str, torch.Tensor] = {}
@@ -150,5 +159,34 @@ def clipped_surrogate_loss(
     return total, mask.sum().to(torch.int), stats
 
 
+def sequence_surrogate_loss(
+    cfg: AlgorithmConfig, x: LossInputs
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025): the PPO-clipped surrogate on the sequence ratio ``s = exp(mean_t log pi/pi_old)``
+    (length-normalised, so its gradient is s times the mean token score), clipped per sequence, sequence-mean."""
+    mask = x.response_mask.float()
+    n_tok = mask.sum(-1).clamp(min=1)
+    log_ratio = x.logprobs - x.old_logprobs
+    seq_ratio = (_masked_sum(log_ratio, mask) / n_tok).exp()
+    clipped_ratio = seq_ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    kept = sequence_mask(cfg, log_ratio, mask) * x.kept()
+    per_seq = -torch.minimum(seq_ratio * x.advantages, clipped_ratio * x.advantages) * kept
+    stats = {
+        "seq/loss": per_seq.detach().sum(),
+        "seq/ratio": seq_ratio.detach().sum(),
+        "max/ratio": seq_ratio.detach().max(),
+        "seq/clip_fraction": (seq_ratio != clipped_ratio).float().sum(),
+        "tok/entropy": _masked_sum(x.entropy.detach(), mask).sum(),
+        "seq/policy_logprob": (_masked_sum(x.logprobs.detach(), mask) / n_tok).sum(),
+    }
+    if cfg.importance_weight == "mask":
+        stats["seq/mask_fraction"] = (1 - sequence_mask(cfg, log_ratio, mask)).sum()
+    return per_seq.sum(), x.kept().sum().to(torch.int), stats
+
+
 def policy_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    return flowrl_loss(cfg, x) if cfg.name == "flowrl" else clipped_surrogate_loss(cfg, x)
+    if cfg.name == "flowrl":
+        return flowrl_loss(cfg, x)
+    if cfg.name == "gspo":
+        return sequence_surrogate_loss(cfg, x)
+    return clipped_surrogate_loss(cfg, x)

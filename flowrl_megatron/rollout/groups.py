@@ -27,6 +27,11 @@ class RolloutGroup:
     reward_errors: int = 0
     fractions: list[float | None] = field(default_factory=list)  # tests passed per sample (code rewards)
 
+    @property
+    def rewards_differ(self) -> bool:
+        """Whether the group carries a learning signal for group-normalised baselines (dynamic sampling keeps it)."""
+        return any(r != self.rewards[0] for r in self.rewards)
+
 
 @dataclass
 class RolloutBatch:

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Literal
 
 from flowrl_megatron.config import RunConfig
 from flowrl_megatron.data.prompts import Prompt
+from flowrl_megatron.errors import UserError
 from flowrl_megatron.metrics import PhaseTimer, Timeline
 from flowrl_megatron.rollout.client import EnginesLost, RolloutClient, Sample, SamplingConfig
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
@@ -127,23 +129,45 @@ class Driver:
 
     def rollouts(self, step: int, version: int, timer: PhaseTimer) -> RolloutBatch:
         """Synchronous: the next ``train.prompts_per_step`` prompts, sampled with weight version ``version``
-        (the trainer's ``rollout`` and ``rewards`` phases)."""
-        orders = self.next_orders(self.cfg.train.prompts_per_step)
-        seeds = [sample_seed(self.cfg.train.seed, step, i) for i in range(len(orders))]
-        prompts = [self.prompts[self.stream.index_at(o)] for o in orders]
-        with timer("rollout"), self.timeline.span("engines", "generate"):
-            try:
-                samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
-                                               salt=weight_salt(version))
-            except EnginesLost:  # asked for again, in the same order, once the engines are back
-                self.pending.extendleft(reversed(orders))
-                raise
-        with timer("rewards"):
-            return RolloutBatch(self.score(prompts, orders, samples, [(version, version)] * len(orders)))
+        (the trainer's ``rollout`` and ``rewards`` phases).
 
-    def close(self) -> None:
-        self.pool.close()
-        self.engines.stop()
+        With ``algorithm.dynamic_sampling``, groups whose rewards are all equal are dropped (counted) and more
+        prompts sampled, round after round; a round asks for as many as the step's share of differing groups so far
+        suggests, and prompts whose groups are not needed after all go back to the front of the order, untrained.
+        """
+        want, algo = self.cfg.train.prompts_per_step, self.cfg.algorithm
+        kept: list[RolloutGroup] = []
+        issued: list[int] = []
+        dropped = rounds = 0
+        while len(kept) < want:
+            if rounds == (algo.dynamic_sampling_rounds if algo.dynamic_sampling else 1):
+                raise too_few_differing(step, rounds, len(kept), want)
+            rounds += 1
+            need = want - len(kept)
+            share = max(len(kept) / len(issued), 1 / want) if issued else 1.0
+            orders = self.next_orders(min(want, math.ceil(need / share)))
+            seeds = [sample_seed(self.cfg.train.seed, step, len(issued) + i) for i in range(len(orders))]
+            issued += orders
+            prompts = [self.prompts[self.stream.index_at(o)] for o in orders]
+            with timer("rollout"), self.timeline.span("engines", "generate"):
+                try:
+                    samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
+                                                   salt=weight_salt(version))
+                except EnginesLost:  # the whole step asked for again, in the same order, once the engines are back
+                    self.pending.extendleft(reversed(issued))
+                    raise
+            with timer("rewards"):
+                groups = self.score(prompts, orders, samples, [(version, version)] * len(orders))
+            useful = [g for g in groups if g.rewards_differ or not algo.dynamic_sampling]
+            dropped += len(groups) - len(useful)
+            kept += useful[:need]
+            self.pending.extendleft(reversed([g.order for g in useful[need:]]))
+        return RolloutBatch(kept, {"equal_rewards": dropped} if algo.dynamic_sampling else {})
+
+def too_few_differing(step: int, rounds: int, kept: int, want: int) -> UserError:
+    return UserError(f"step {step + 1}: after {rounds} sampling rounds only {kept} of {want} prompts had rewards "
+                     "that differ within their group (algorithm.dynamic_sampling), so the data is too easy or too "
+                     "hard for the model; raise algorithm.dynamic_sampling_rounds or change the data.")
 
 
 class RolloutProducer:
@@ -202,6 +226,14 @@ class RolloutProducer:
                     del self._live[group.order]
                     self._pending.appendleft(group.order)
                     dropped["stale"] += 1
+                if self.d.cfg.algorithm.dynamic_sampling:
+                    for group in [g for g in self._ready if not g.rewards_differ]:
+                        self._ready.remove(group)  # no signal for the baseline: dropped, and a new prompt issued
+                        del self._live[group.order]
+                        dropped["equal_rewards"] += 1
+                    rounds = self.d.cfg.algorithm.dynamic_sampling_rounds
+                    if dropped["equal_rewards"] > (rounds - 1) * self.batch:  # as many as `rounds` batches issued
+                        raise too_few_differing(step, rounds, len(self._ready), self.batch)
                 if len(self._ready) >= self.batch:
                     break
                 if dropped:

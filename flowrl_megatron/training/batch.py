@@ -31,6 +31,7 @@ class Batch:
     first_version: torch.Tensor | None = None  # [B] long: weight version that sampled the first token
     last_version: torch.Tensor | None = None  # [B] long: ... and the last token
     current: torch.Tensor | None = None  # [B] bool: sampled entirely by the weights now trained (mismatch check)
+    keep: torch.Tensor | None = None  # [B] bool: samples in the loss (overlong filtering leaves truncated ones out)
 
     def fields(self) -> dict[str, torch.Tensor]:
         """The present fields by name."""

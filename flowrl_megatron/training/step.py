@@ -88,7 +88,7 @@ def forward_backward(
                 old_logprobs=mb.old_logprobs if mb.old_logprobs is not None else lp.detach(),  # on-policy: w = 1
                 ref_logprobs=mb.ref_logprobs if mb.ref_logprobs is not None else torch.zeros_like(lp),
                 response_mask=mb.response_mask, advantages=mb.advantages, log_z=log_z,
-                group_ids=mb.group_ids if groups else None, groups=groups,
+                group_ids=mb.group_ids if groups else None, groups=groups, keep=mb.keep,
             ))
             mask = mb.response_mask
             if mb.rollout_logprobs is not None:  # weights the engines sampled with: their log-probs must agree

@@ -92,6 +92,96 @@ def test_clipped_surrogate_gradient_matches_hand_derivation(name, kl_coef, mask)
     assert count.item() == int(m.sum().item())
 
 
+@pytest.mark.parametrize("name", ["grpo", "gspo"])
+def test_clip_higher_clips_each_side_at_its_own_range(name):
+    """DAPO's clip-higher: ratios above 1 + clip_eps_high and below 1 - clip_eps stop the gradient, each side at
+    its own range (checked on the per-token ratio for GRPO and on the sequence ratio for GSPO)."""
+    low, high = 0.02, 0.06
+    cfg = AlgorithmConfig(name=name, clip_eps=low, clip_eps_high=high)
+    assert (cfg.clip_low, cfg.clip_high) == (low, high)
+    x = random_inputs(seed=3)
+    total, count, _ = policy_loss(cfg, x)
+    (total / count).backward()
+    m = x.response_mask.double()
+    lp, old, a = x.logprobs.detach(), x.old_logprobs, x.advantages
+    if name == "grpo":
+        ratio, adv, scale = torch.exp(lp - old), a.unsqueeze(-1), m / m.sum()
+    else:
+        ratio = torch.exp(((lp - old) * m).sum(-1) / m.sum(-1))
+        adv, scale = a, None
+    up, down = (adv > 0) & (ratio > 1 + high), (adv < 0) & (ratio < 1 - low)
+    between_high = (adv > 0) & (ratio > 1 + low) & (ratio <= 1 + high)  # clipped by a symmetric low range only
+    assert up.any() or down.any()
+    assert between_high.any()  # the asymmetry matters for this batch
+    if name == "grpo":
+        want = torch.where(up | down, torch.zeros_like(ratio), -adv * ratio) * scale
+    else:
+        per_seq = torch.where(up | down, torch.zeros_like(ratio), -adv * ratio) / len(ratio)
+        want = (per_seq / m.sum(-1)).unsqueeze(-1) * m
+    assert torch.allclose(x.logprobs.grad, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_gspo_gradient_matches_hand_derivation(mask):
+    """GSPO: loss_i = -min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i), s_i = exp(mean_t log pi/pi_old), mean over
+    sequences; d loss_i / d log pi_it = -A_i s_i / |y_i| where the clip is not active."""
+    cfg = AlgorithmConfig(name="gspo", importance_weight="mask" if mask else "clip", mask_eps=0.03)
+    assert (cfg.clip_low, cfg.clip_high) == (3e-4, 4e-4)  # the GSPO paper's ranges, its default here
+    x = random_inputs(seed=4)
+    with torch.no_grad():  # sequence ratios within a few 1e-4 of 1, on both sides of the clip range
+        x.old_logprobs = x.logprobs.detach() + torch.randn(x.logprobs.shape[0], 1, dtype=torch.float64,
+                                                          generator=torch.Generator().manual_seed(5)) * 4e-4
+        if mask:
+            x.old_logprobs[:2] += 0.1  # two sequences leave the mask band
+    total, count, stats = policy_loss(cfg, x)
+    (total / count).backward()
+    m = x.response_mask.double()
+    n = m.sum(-1)
+    s = geometric_mean_ratio(x)
+    a = x.advantages
+    active = ((a > 0) & (s > 1 + 4e-4)) | ((a < 0) & (s < 1 - 3e-4))
+    assert active.any() and (~active).any()
+    kept = ((s >= 0.97) & (s <= 1.03)).double() if mask else torch.ones_like(s)
+    if mask:
+        assert kept.sum() == len(kept) - 2 and stats["seq/mask_fraction"].item() == 2
+    per_seq = torch.where(active, torch.zeros_like(s), -a * s) * kept / len(s)
+    want = (per_seq / n).unsqueeze(-1) * m
+    assert torch.allclose(x.logprobs.grad, want, atol=1e-12, rtol=0)
+    assert count.item() == len(s)
+    loss = -torch.minimum(s * a, s.clamp(1 - 3e-4, 1 + 4e-4) * a) * kept
+    assert torch.allclose(total / count, loss.mean(), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["flowrl", "grpo", "gspo"])
+def test_samples_left_out_of_the_loss_add_nothing_to_it_or_its_average(name):
+    """Overlong filtering (``keep``): the loss and gradient equal those of the batch without the left-out samples."""
+    cfg = AlgorithmConfig(name=name)
+    x = random_inputs(seed=6)
+    keep = torch.tensor([True, False, True, True, False, True])
+    total, count, _ = policy_loss(cfg, LossInputs(**{**x.__dict__, "keep": keep}))
+    (total / count).backward()
+    grad_lp, grad_z = x.logprobs.grad.clone(), x.log_z.grad
+    sub = random_inputs(seed=6)
+    rows = keep.nonzero().squeeze(1)
+    only = LossInputs(**{k: (v.detach()[rows].requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                         for k, v in sub.__dict__.items()})
+    t2, c2, _ = policy_loss(cfg, only)
+    (t2 / c2).backward()
+    assert count.item() == c2.item() and torch.allclose(total / count, t2 / c2, atol=1e-12)
+    assert torch.allclose(grad_lp[rows], only.logprobs.grad, atol=1e-12) and (grad_lp[~keep] == 0).all()
+    if name == "flowrl":  # the only loss with log Z
+        assert torch.allclose(grad_z[rows], only.log_z.grad, atol=1e-12) and (grad_z[~keep] == 0).all()
+
+
+def test_overlong_penalty_is_dapos_linear_ramp():
+    from flowrl_megatron.algorithms.advantages import overlong_penalty
+
+    lengths = torch.tensor([10, 60, 61, 80, 100])
+    got = overlong_penalty(lengths, max_tokens=100, buffer=40, penalty=0.5)
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.5 / 40, -0.5 * 20 / 40, -0.5]))
+    assert (overlong_penalty(lengths, 100, 0, 1.0) == 0).all()
+
+
 def test_flowrl_loss_vanishes_at_its_target():
     """If log pi - log pi_ref = beta * r_hat - log Z per token, every residual is 0."""
     x = random_inputs(seed=2)

@@ -88,7 +88,7 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
 
 def policy_gradients(ckpt: str, tp: int, pp: int, variants: list[dict], out: str) -> None:
     """For each variant (``micro_batch_size``, ``max_tokens``, ``packed``, ``attention``, ``recompute``): loss stats
-    and full gradients (HF names + Z head) of one global batch, FlowRL then GRPO; on one rank also the per-token
+    and full gradients (HF names + Z head) of one global batch, FlowRL, GRPO and GSPO; on one rank also the per-token
     log-probs and each sample's log Z. One process per rank serves every variant of a TP x PP x DP layout."""
     from pathlib import Path
 
@@ -128,7 +128,7 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
         with torch.no_grad():
             result["logprobs"] = forward_logprobs([ddp], local, batching=batching, vocab_size=arch.vocab_size)
             result["log_z"] = log_z_per_sample(model, local, packed)
-    for name in ("flowrl", "grpo"):
+    for name in ("flowrl", "grpo", "gspo"):
         ddp.zero_grad_buffer()
         stats = forward_backward([ddp], local, AlgorithmConfig(name=name), batching=batching,
                                  vocab_size=arch.vocab_size, groups=2)

@@ -249,3 +249,78 @@ def test_the_producer_bounds_staleness_and_reissues_what_aged(engine, tiny_untie
     assert most_ahead <= 0 and most_live == 2 * 2
     assert len(trained) == len(set(trained))
     assert sorted(trained + state["pending"]) == list(range(driver.stream.position))
+
+
+def _driver(tiny_untied, group, data, *overrides):
+    from transformers import AutoTokenizer
+
+    from flowrl_megatron.config import load_config
+    from flowrl_megatron.data.prompts import PromptStream, load_prompts
+    from flowrl_megatron.metrics import Timeline
+    from flowrl_megatron.rewards.pool import RewardPool
+    from flowrl_megatron.rollout.producer import Driver
+
+    reward = "tests.rollout.equal_or_varied:reward"
+    cfg = load_config(None, [f"model.path={tiny_untied}", f"data.train_files=[{data}]", "data.template=raw",
+                             f"reward.name={reward}", "rollout.n=4", "rollout.max_response_tokens=6",
+                             "train.prompts_per_step=4", "algorithm.name=grpo", "algorithm.dynamic_sampling=true",
+                             *overrides], check=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_untied))
+    prompts = load_prompts(cfg.data, tokenizer).prompts
+    return Driver(cfg, tokenizer, prompts, PromptStream(len(prompts), 0, shuffle=False),
+                  RewardPool(reward, 1, 10.0), group, RolloutClient(group.urls, group.api_key), 0, [], Timeline())
+
+
+def _task(path, answers: list[str]):
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    return path
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_dynamic_sampling_trains_no_group_of_equal_rewards_and_loses_no_prompt(engine, tiny_untied, tmp_path,
+                                                                               asynchronous):
+    """Half the prompts always get equal rewards: each step's 4 groups all have rewards that differ, every prompt
+    sampled is trained or counted as dropped (none lost, none twice), and data with no signal at all stops the run
+    after dynamic_sampling_rounds rounds with one sentence."""
+    from flowrl_megatron.errors import UserError
+    from flowrl_megatron.metrics import PhaseTimer
+    from flowrl_megatron.rollout.producer import RolloutProducer
+
+    group, control, _ = engine
+    driver = _driver(tiny_untied, group, _task(tmp_path / "mixed.jsonl", ["same", "vary"] * 12),
+                     f"rollout.max_staleness={int(asynchronous)}", "algorithm.dynamic_sampling_rounds=6")
+    producer = RolloutProducer(driver, control, max_staleness=1, version=0, step=0).start() if asynchronous else None
+    trained, dropped = [], 0
+    try:
+        for step in range(2):
+            batch = producer.take(step) if producer else driver.rollouts(step, 0, PhaseTimer())
+            assert len(batch.groups) == 4 and all(g.rewards_differ for g in batch.groups)
+            assert all(g.prompt.answer == "vary" for g in batch.groups)
+            trained += [g.order for g in batch.groups]
+            dropped += batch.dropped["equal_rewards"]
+            if producer:
+                producer.pause_engines()
+                producer.resume_engines(step + 1)
+        pending = producer.state()["pending"] if producer else list(driver.pending)
+    finally:
+        if producer:
+            producer.close()
+        driver.pool.close()
+    assert dropped >= 4  # at least the "same" prompts among the first eight trained "vary" ones
+    assert len(trained) == len(set(trained))
+    issued = driver.stream.position
+    assert len(trained) + dropped + len(pending) == issued  # every prompt trained, dropped (counted) or pending
+
+    hopeless = _driver(tiny_untied, group, _task(tmp_path / "same.jsonl", ["same"] * 24),
+                       "algorithm.dynamic_sampling_rounds=3", f"rollout.max_staleness={int(asynchronous)}")
+    producer = RolloutProducer(hopeless, control, max_staleness=1, version=0, step=0).start() if asynchronous else None
+    try:
+        with pytest.raises(UserError, match=r"step 1: after 3 sampling rounds only 0 of 4 prompts had rewards that "
+                                            r"differ .* raise algorithm.dynamic_sampling_rounds"):
+            producer.take(0) if producer else hopeless.rollouts(0, 0, PhaseTimer())
+    finally:
+        if producer:
+            producer.close()
+        hopeless.pool.close()
+    if not producer:  # a round of 4 prompts, then (no differing group so far) rounds of 4 again: 3 x 4 at most
+        assert hopeless.stream.position == 3 * 4

@@ -43,7 +43,7 @@ def layout_id(layout: tuple) -> str:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("algorithm", ["flowrl", "grpo"])
+@pytest.mark.parametrize("algorithm", ["flowrl", "grpo", "gspo"])
 @pytest.mark.parametrize("layout", LAYOUTS[1:], ids=layout_id)
 def test_same_loss_and_gradients_as_single_process(results, algorithm, layout):
     base, other = results[LAYOUTS[0]][algorithm], results[layout][algorithm]

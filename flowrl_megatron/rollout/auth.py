@@ -18,6 +18,7 @@ import hmac
 import os
 
 KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable: its /v1 check and this middleware read the same key
+TRAINER_KEY_ENV = "FLOWRL_API_KEY"  # where a trainer (and `flowrl serve`) finds the key of engines started elsewhere
 PROBES = frozenset({"/health", "/ping", "/ready", "/readyz"})
 UNAUTHORIZED = b'{"error": "Unauthorized: send the job\'s key as \\"Authorization: Bearer KEY\\""}'
 

@@ -23,13 +23,17 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.processes import die_with_parent
-from flowrl_megatron.rollout.auth import KEY_ENV, RequireKey
+from flowrl_megatron.rollout.auth import KEY_ENV, TRAINER_KEY_ENV, RequireKey
 from flowrl_megatron.runtime.distributed import free_port
+
+if TYPE_CHECKING:
+    from flowrl_megatron.config import RunConfig
 
 
 def default_weight_transfer_backend() -> str:
@@ -50,6 +54,12 @@ class EngineConfig:
     weight_transfer_backend: str = field(default_factory=default_weight_transfer_backend)
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 600.0
+
+
+def engine_config(run: RunConfig, **settings: object) -> EngineConfig:
+    """The engines a run's recipe asks for: its model, engine TP and the longest sample as the context."""
+    return EngineConfig(model=run.model.path, tensor_parallel_size=run.rollout.engine_tp,
+                        max_model_len=run.data.max_prompt_tokens + run.rollout.max_response_tokens, **settings)
 
 
 def cpu_threads_bind(tp: int) -> str:
@@ -244,7 +254,7 @@ class RemoteEngines:
 
     def __init__(self, urls: list[str], api_key: str, startup_timeout_s: float = 1800.0) -> None:
         if not api_key:
-            raise UserError("rollout.engine_urls is set but FLOWRL_API_KEY is not; export the key the engines were "
+            raise UserError(f"rollout.engine_urls is set but {TRAINER_KEY_ENV} is not; export the key the engines were "
                             "started with.")
         self.urls, self.api_key, self.startup_timeout_s = list(urls), api_key, startup_timeout_s
 

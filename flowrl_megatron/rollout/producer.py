@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -41,9 +42,9 @@ def sample_seed(seed: int, step: int, prompt: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_033 + prompt) % (2**31 - 1)
 
 
-def weight_salt(version: int) -> str:
-    """The prefix-cache salt of requests sampled with weight version ``version``."""
-    return f"weights-v{version}"
+def weight_salt(version: int, run: str = "") -> str:
+    """The prefix-cache salt of requests sampled with weight version ``version`` by the run (attempt) ``run``."""
+    return f"{run}weights-v{version}"
 
 
 @dataclass
@@ -62,6 +63,12 @@ class Driver:
     eval_prompts: list
     timeline: Timeline
     pending: deque = dataclasses.field(default_factory=deque)
+    # Every start of a run numbers weight versions from its checkpoint again: engines that outlive it (started
+    # elsewhere, or shared by a demo's runs) must not serve this start's version v from another's cache.
+    run_salt: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4) + "-")
+
+    def salt(self, version: int) -> str:
+        return weight_salt(version, self.run_salt)
 
     @classmethod
     def start(cls, cfg: RunConfig, run_dir: Path, timeline: Timeline) -> Driver:
@@ -69,7 +76,8 @@ class Driver:
 
         from flowrl_megatron.data.prompts import PromptStream, load_prompts
         from flowrl_megatron.rewards.pool import RewardPool
-        from flowrl_megatron.rollout.engines import EngineConfig, EngineGroup, RemoteEngines
+        from flowrl_megatron.rollout.auth import TRAINER_KEY_ENV
+        from flowrl_megatron.rollout.engines import EngineGroup, RemoteEngines, engine_config
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         loaded = load_prompts(cfg.data, tokenizer)
@@ -81,11 +89,9 @@ class Driver:
         pool = RewardPool(cfg.reward.name, cfg.reward.workers, cfg.reward.timeout_s)
         ro = cfg.rollout
         if ro.engine_urls:
-            engines = RemoteEngines(ro.engine_urls, os.environ.get("FLOWRL_API_KEY", "")).start()
+            engines = RemoteEngines(ro.engine_urls, os.environ.get(TRAINER_KEY_ENV, "")).start()
         else:
-            engine_cfg = EngineConfig(model=cfg.model.path, tensor_parallel_size=ro.engine_tp,
-                                      max_model_len=cfg.data.max_prompt_tokens + ro.max_response_tokens)
-            engines = EngineGroup(engine_cfg, ro.engines, run_dir / "engine_logs").start()
+            engines = EngineGroup(engine_config(cfg), ro.engines, run_dir / "engine_logs").start()
         client = RolloutClient(engines.urls, engines.api_key, max_concurrency=ro.max_concurrency,
                                hang_s=ro.engine_hang_s)
         return cls(cfg, tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long, eval_prompts,
@@ -152,7 +158,7 @@ class Driver:
             with timer("rollout"), self.timeline.span("engines", "generate"):
                 try:
                     samples = self.client.generate([p.token_ids for p in prompts], self.sampling, seeds,
-                                                   salt=weight_salt(version))
+                                                   salt=self.salt(version))
                 except EnginesLost:  # the whole step asked for again, in the same order, once the engines are back
                     self.pending.extendleft(reversed(issued))
                     raise
@@ -163,6 +169,10 @@ class Driver:
             kept += useful[:need]
             self.pending.extendleft(reversed([g.order for g in useful[need:]]))
         return RolloutBatch(kept, {"equal_rewards": dropped} if algo.dynamic_sampling else {})
+
+    def close(self) -> None:
+        self.pool.close()
+        self.engines.stop()
 
 def too_few_differing(step: int, rounds: int, kept: int, want: int) -> UserError:
     return UserError(f"step {step + 1}: after {rounds} sampling rounds only {kept} of {want} prompts had rewards "
@@ -349,7 +359,7 @@ class RolloutProducer:
         self._busy(+1)
         try:
             samples = await self.d.client.generate_group(http, order, prompt.token_ids, self.d.sampling, seed,
-                                                         salt=weight_salt(version))
+                                                         salt=self.d.salt(version))
         except EnginesLost:  # issued again once the trainer has restarted them
             with self._cv:
                 del self._live[order]

@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import os
 import secrets
 import threading
@@ -137,9 +136,9 @@ class Driver:
         """Synchronous: the next ``train.prompts_per_step`` prompts, sampled with weight version ``version``
         (the trainer's ``rollout`` and ``rewards`` phases).
 
-        With ``algorithm.dynamic_sampling``, groups whose rewards are all equal are dropped (counted) and more
-        prompts sampled, round after round; a round asks for as many as the step's share of differing groups so far
-        suggests, and prompts whose groups are not needed after all go back to the front of the order, untrained.
+        With ``algorithm.dynamic_sampling``, groups whose rewards are all equal are dropped (counted) and another
+        ``prompts_per_step`` prompts sampled, round after round (DAPO's rounds); the prompts of useful groups not
+        needed after all go back to the front of the order, untrained.
         """
         want, algo = self.cfg.train.prompts_per_step, self.cfg.algorithm
         kept: list[RolloutGroup] = []
@@ -150,8 +149,7 @@ class Driver:
                 raise too_few_differing(step, rounds, len(kept), want)
             rounds += 1
             need = want - len(kept)
-            share = max(len(kept) / len(issued), 1 / want) if issued else 1.0
-            orders = self.next_orders(min(want, math.ceil(need / share)))
+            orders = self.next_orders(want)
             seeds = [sample_seed(self.cfg.train.seed, step, len(issued) + i) for i in range(len(orders))]
             issued += orders
             prompts = [self.prompts[self.stream.index_at(o)] for o in orders]

@@ -322,5 +322,5 @@ def test_dynamic_sampling_trains_no_group_of_equal_rewards_and_loses_no_prompt(e
         if producer:
             producer.close()
         hopeless.pool.close()
-    if not producer:  # a round of 4 prompts, then (no differing group so far) rounds of 4 again: 3 x 4 at most
+    if not producer:  # three rounds of 4 prompts, no more
         assert hopeless.stream.position == 3 * 4

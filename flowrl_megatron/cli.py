@@ -222,11 +222,9 @@ def make_tiny(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    import typing
     from pathlib import Path
 
-    from flowrl_megatron.config import Algorithm
-    from flowrl_megatron.demo.run import run_demo
+    from flowrl_megatron.demo.run import ALGORITHMS, run_demo
 
     try:
         stale = tuple(int(k) for k in args.max_staleness.split(","))
@@ -236,11 +234,10 @@ def demo(args: argparse.Namespace) -> int:
     if any(k < 0 for k in stale):
         raise UserError(f"--max-staleness values must be >= 0, got {args.max_staleness!r}.")
     algorithms = tuple(args.algorithms.split(","))
-    known = typing.get_args(Algorithm)
-    unknown = [a for a in algorithms if a not in known]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown or "flowrl" not in algorithms or len(set(algorithms)) < len(algorithms):
         raise UserError(f"--algorithms takes flowrl and the baselines to compare it with, each once, from "
-                        f"{', '.join(known)}; got {args.algorithms!r}.")
+                        f"{', '.join(ALGORITHMS)}; got {args.algorithms!r}.")
     run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale, algorithms=algorithms)
     return 0
 

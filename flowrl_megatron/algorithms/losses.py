@@ -169,8 +169,8 @@ def sequence_surrogate_loss(
     log_ratio = x.logprobs - x.old_logprobs
     seq_ratio = (_masked_sum(log_ratio, mask) / n_tok).exp()
     clipped_ratio = seq_ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
-    kept = sequence_mask(cfg, log_ratio, mask) * x.kept()
-    per_seq = -torch.minimum(seq_ratio * x.advantages, clipped_ratio * x.advantages) * kept
+    in_band = sequence_mask(cfg, log_ratio, mask)
+    per_seq = -torch.minimum(seq_ratio * x.advantages, clipped_ratio * x.advantages) * in_band * x.kept()
     stats = {
         "seq/loss": per_seq.detach().sum(),
         "seq/ratio": seq_ratio.detach().sum(),
@@ -180,7 +180,7 @@ def sequence_surrogate_loss(
         "seq/policy_logprob": (_masked_sum(x.logprobs.detach(), mask) / n_tok).sum(),
     }
     if cfg.importance_weight == "mask":
-        stats["seq/mask_fraction"] = (1 - sequence_mask(cfg, log_ratio, mask)).sum()
+        stats["seq/mask_fraction"] = (1 - in_band).sum()
     return per_seq.sum(), x.kept().sum().to(torch.int), stats
 
 

@@ -67,7 +67,7 @@ def label(name: str) -> str:
 
 
 def train(out: Path, algorithm: str, max_staleness: int, model: Path, task: Path, steps: int, seed: int) -> Path:
-    """One ``flowrl train`` run of the demo recipe (with its own engine); its directory."""
+    """One ``flowrl train`` run of the demo recipe; its directory."""
     run_dir = out / run_name(algorithm, max_staleness)
     overrides = [f"run_dir={run_dir}", f"model.path={model}", f"data.train_files=[{task}]", f"eval.files=[{task}]",
                  f"algorithm.name={algorithm}", f"train.steps={steps}", f"train.seed={seed}",

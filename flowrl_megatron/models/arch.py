@@ -137,13 +137,14 @@ def _refuse_unsupported(cfg: dict[str, Any], name: str) -> None:
                         "supported; only dense models are.")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported; only SwiGLU (silu) is.")
-    sliding = cfg.get("use_sliding_window") if "Qwen" in name else cfg.get("sliding_window") is not None
-    layer_types = set(cfg.get("layer_types") or ["full_attention"])
-    if sliding or layer_types != {"full_attention"}:
-        field = "layer_types" if layer_types != {"full_attention"} else (
-            "use_sliding_window" if "Qwen" in name else "sliding_window")
-        raise UserError(f"{field} asks for sliding-window attention, which is not supported; only full attention "
-                        "in every layer is.")
+    # Qwen configs carry a sliding_window size that only use_sliding_window switches on; Mistral's applies if set.
+    window = "use_sliding_window" if "Qwen" in name else "sliding_window"
+    asks = {"layer_types": set(cfg.get("layer_types") or ["full_attention"]) != {"full_attention"},
+            window: bool(cfg.get(window)) if "Qwen" in name else cfg.get(window) is not None}
+    for field, asked in asks.items():
+        if asked:
+            raise UserError(f"{field} asks for sliding-window attention, which is not supported; only full "
+                            "attention in every layer is.")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserError("partial_rotary_factor below 1 is not supported; RoPE must rotate the whole head.")
     if cfg.get("mlp_bias"):

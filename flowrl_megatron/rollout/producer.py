@@ -63,7 +63,7 @@ class Driver:
     timeline: Timeline
     pending: deque = dataclasses.field(default_factory=deque)
     # Every start of a run numbers weight versions from its checkpoint again: engines that outlive it (started
-    # elsewhere, or shared by a demo's runs) must not serve this start's version v from another's cache.
+    # elsewhere, rollout.engine_urls) must not serve this start's version v from another start's cache.
     run_salt: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4) + "-")
 
     def salt(self, version: int) -> str:
@@ -171,6 +171,7 @@ class Driver:
     def close(self) -> None:
         self.pool.close()
         self.engines.stop()
+
 
 def too_few_differing(step: int, rounds: int, kept: int, want: int) -> UserError:
     return UserError(f"step {step + 1}: after {rounds} sampling rounds only {kept} of {want} prompts had rewards "

@@ -408,19 +408,31 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_recipe(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections. ``base: other.yaml`` (a path relative to the recipe) starts from that recipe's sections
+    and sets only what differs, so a baseline states its difference from the run it is compared with."""
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; see recipes/ for examples.")
+    if path.resolve() in children:
+        chain = " -> ".join(str(c) for c in (*children, path))
+        raise UserError(f"recipe {path} is its own base ({chain}); remove one of the base: lines.")
+    try:
+        values = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train: ...).")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise UserError(f"base: in recipe {path} must be the path of another recipe, relative to it; got {base!r}.")
+    return _merge(_read_recipe(path.parent / base, (*children, path.resolve())), values)
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] = (), check: bool = True) -> RunConfig:
     """Recipe file + overrides -> a ``RunConfig``, validated unless ``check`` is False (types always are)."""
-    values: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise UserError(f"recipe {path} does not exist; see recipes/ for examples.")
-        try:
-            values = _load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"recipe {path} is not valid YAML: {e}".replace("\n", " ")) from None
-        if not isinstance(values, dict):
-            raise UserError(f"recipe {path} must be a mapping of sections (model:, data:, train: ...).")
+    values = _read_recipe(Path(recipe)) if recipe is not None else {}
     for text in overrides:
         values = _merge(values, parse_override(text))
     cfg = RunConfig()

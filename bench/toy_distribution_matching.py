@@ -67,6 +67,7 @@ PROMPT = [5]
 MODES = [(0, 1, 2), (3, 3, 0), (4, 2, 1), (1, 4, 4)]
 REF_MODE_MASS = [0.45, 0.20, 0.10, 0.05]  # uneven; the other 212 responses share the remaining 0.20
 BETA = 15.0
+CHECKED = ("flowrl", "grpo")  # the algorithms --check compares
 
 
 def arch():
@@ -325,14 +326,14 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="exit 1 unless the claims listed above hold (needs flowrl "
                    "and grpo among --algorithms)")
     args = p.parse_args()
-    from flowrl_megatron.demo.run import ALGORITHMS
+    from flowrl_megatron.demo.run import parse_algorithms
+    from flowrl_megatron.errors import UserError
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    algorithms = args.algorithms.split(",")
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown or (args.check and not {"flowrl", "grpo"} <= set(algorithms)):
-        p.error(f"--algorithms takes a comma-separated list of {', '.join(ALGORITHMS)}"
-                + (", with flowrl and grpo for --check" if args.check else "") + f"; got {args.algorithms!r}")
+    try:  # --check compares FlowRL with GRPO
+        algorithms = list(parse_algorithms(args.algorithms, CHECKED if args.check else ()))
+    except UserError as e:
+        p.error(str(e))
     result = run(seeds, algorithms, args.steps, args.samples, args.lr, args.jobs, args.flowrl_normalization,
                  args.z_lr_mult)
     table = markdown(result)
@@ -346,7 +347,7 @@ def main() -> None:
                   "test_toy_distribution_matching.py` runs `--check` and checks that the computed rows (target, "
                   "reference) reproduce the table.\n\n")
         write_text_atomic(args.markdown, header + about + "\n\n" + table + "\n")
-    failures = check(result) if {"flowrl", "grpo"} <= set(algorithms) else []
+    failures = check(result) if set(CHECKED) <= set(algorithms) else []
     for f in failures:
         print("FAIL:", f, file=sys.stderr)
     if args.check and failures:

@@ -224,7 +224,7 @@ def make_tiny(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flowrl_megatron.demo.run import ALGORITHMS, run_demo
+    from flowrl_megatron.demo.run import parse_algorithms, run_demo
 
     try:
         stale = tuple(int(k) for k in args.max_staleness.split(","))
@@ -233,12 +233,8 @@ def demo(args: argparse.Namespace) -> int:
             from None
     if any(k < 0 for k in stale):
         raise UserError(f"--max-staleness values must be >= 0, got {args.max_staleness!r}.")
-    algorithms = tuple(args.algorithms.split(","))
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown or "flowrl" not in algorithms or len(set(algorithms)) < len(algorithms):
-        raise UserError(f"--algorithms takes flowrl and the baselines to compare it with, each once, from "
-                        f"{', '.join(ALGORITHMS)}; got {args.algorithms!r}.")
-    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale, algorithms=algorithms)
+    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale,
+             algorithms=parse_algorithms(args.algorithms))
     return 0
 
 

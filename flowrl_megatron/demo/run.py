@@ -31,6 +31,17 @@ COMPARED = ["eval/pass@1", "eval/distinct_correct", "eval/kl_ref", "reward/accur
 MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
 
 
+def parse_algorithms(text: str, required: tuple[str, ...] = ("flowrl",)) -> tuple[str, ...]:
+    """``--algorithms``: names from ALGORITHMS, each once, ``required`` among them (the comparison needs them)."""
+    algorithms = tuple(text.split(","))
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not set(required) <= set(algorithms) or len(set(algorithms)) < len(algorithms):
+        wanted = (f"{' and '.join(required)} and the baselines to compare {'it' if len(required) == 1 else 'them'} "
+                  "with" if required else "the algorithms to run")
+        raise UserError(f"--algorithms takes {wanted}, each once, from {', '.join(ALGORITHMS)}; got {text!r}.")
+    return algorithms
+
+
 def prepare_output(out: Path, settings: dict) -> None:
     """A fresh output directory; a previous demo's is replaced, anything else is refused."""
     if out.exists() and any(out.iterdir()):

@@ -148,9 +148,25 @@ def _writer_results_queue_that_dies_with_us() -> None:
 _writer_manager: SyncManager | None = None
 
 
+CRITIC_PREFIX = "critic."  # the critic's tensors in a checkpoint, apart from the policy's (and from any export)
+
+
+def _sharded_training_state(model: torch.nn.Module, optimizer, critic, is_loading: bool = False) -> dict:
+    """What dist_checkpointing saves of a run: the policy and its optimizer, and PPO's critic (``critic``: anything
+    with ``model`` and ``optimizer``) and its optimizer under ``critic.`` keys."""
+    sharded = model.sharded_state_dict()
+    out = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded, is_loading=is_loading)}
+    if critic is not None:
+        values = critic.model.sharded_state_dict(prefix=CRITIC_PREFIX)
+        out["critic_model"] = values
+        out["critic_optimizer"] = critic.optimizer.sharded_state_dict(values, is_loading=is_loading)
+    return out
+
+
 def save_training_state(root: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
-                        keep: int, hf_side: str | Path | None = None) -> Path:
-    """Policy (with Z head) and optimizer through dist_checkpointing, this rank's RNG states, and ``state``
+                        keep: int, hf_side: str | Path | None = None, critic=None) -> Path:
+    """Policy (with Z head) and optimizer (and PPO's ``critic`` with its own) through dist_checkpointing, this
+    rank's RNG states, and ``state``
     (JSON: step, data position, LR schedule, weight version...), plus the Hugging Face config and tokenizer files
     of ``hf_side`` in ``hf/`` (so megatron_to_hf needs nothing else), written to a temporary directory that is
     renamed when complete; then the ``latest`` pointer moves, then checkpoints beyond ``keep`` are removed.
@@ -167,8 +183,7 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir(parents=True)
         dist.barrier()
-        sharded = model.sharded_state_dict()
-        dist_checkpointing.save({"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded)}, str(tmp))
+        dist_checkpointing.save(_sharded_training_state(model, optimizer, critic), str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
@@ -196,17 +211,17 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     return final
 
 
-def load_training_state(path: str | Path, model: torch.nn.Module, optimizer) -> dict:
+def load_training_state(path: str | Path, model: torch.nn.Module, optimizer, critic=None) -> dict:
     """Inverse of ``save_training_state`` (also at another TP/PP layout, except the RNG states); returns ``state``."""
     import torch.distributed as dist
 
     path = Path(path)
-    sharded = model.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded,
-                                                                                                   is_loading=True)},
-                                     str(path))
+    loaded = dist_checkpointing.load(_sharded_training_state(model, optimizer, critic, is_loading=True), str(path))
     model.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+    if critic is not None:
+        critic.model.load_state_dict({k.removeprefix(CRITIC_PREFIX): v for k, v in loaded["critic_model"].items()})
+        critic.optimizer.load_state_dict(loaded["critic_optimizer"])
     rng = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))

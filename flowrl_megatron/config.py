@@ -54,7 +54,7 @@ def setting(default: Any, doc: str, *, ge: float | None = None, gt: float | None
     return field(default=default, metadata=meta)
 
 
-Algorithm = Literal["flowrl", "grpo", "reinforce_pp", "gspo"]
+Algorithm = Literal["flowrl", "grpo", "reinforce_pp", "gspo", "ppo"]
 ImportanceWeight = Literal["clip", "cap", "none", "mask"]
 RewardNormalization = Literal["group", "batch", "none"]
 DEFAULT_CLIP = 0.2  # PPO's, the FlowRL paper's and GRPO's
@@ -132,8 +132,9 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Algorithm = setting("flowrl", "the objective: FlowRL, or the GRPO / REINFORCE++ / GSPO baselines (GSPO: "
-                              "the length-normalised sequence ratio, clipped per sequence)")
+    name: Algorithm = setting("flowrl", "the objective: FlowRL, or the GRPO / REINFORCE++ / GSPO / PPO baselines "
+                              "(GSPO: the length-normalised sequence ratio, clipped per sequence; PPO: token "
+                              "advantages by GAE from a learned critic, see the critic section)")
     beta: float = setting(15.0, "FlowRL reward temperature (the paper's best; the authors' code hard-codes 15)",
                           gt=0)
     importance_weight: ImportanceWeight = setting(
@@ -146,8 +147,12 @@ class AlgorithmConfig:
     weight_cap: float = setting(10.0, "importance_weight=cap: the largest weight", gt=0)
     mask_eps: float = setting(0.1, "importance_weight=mask: the band a sequence's ratio must stay in", gt=0, lt=1)
     reward_normalization: RewardNormalization | None = setting(
-        None, "empty: the algorithm's own (group for FlowRL and GRPO, batch for REINFORCE++)")
-    kl_coef: float = setting(0.0, "GRPO / REINFORCE++: k3 KL-to-reference penalty per token", ge=0)
+        None, "empty: the algorithm's own (group for FlowRL, GRPO and GSPO, batch for REINFORCE++, none for PPO, "
+        "whose critic is the baseline)")
+    gamma: float = setting(1.0, "PPO: GAE's discount (1.0: an outcome reward counts fully at every token)", ge=0, le=1)
+    lam: float = setting(1.0, "PPO: GAE's lambda (1.0: advantage = reward - value, no bootstrapping)", ge=0, le=1)
+    whiten_advantages: bool = setting(True, "PPO: token advantages to mean 0, std 1 over the step's batch")
+    kl_coef: float = setting(0.0, "GRPO / REINFORCE++ / PPO: k3 KL-to-reference penalty per token", ge=0)
     mask_truncated: bool = setting(False, "DAPO's overlong filtering: responses cut at rollout.max_response_tokens "
                                    "are left out of the loss (and of its average)")
     dynamic_sampling: bool = setting(False, "DAPO's dynamic sampling (a baseline option: FlowRL's ratio-restoring "
@@ -173,11 +178,23 @@ class AlgorithmConfig:
     def normalization(self) -> RewardNormalization:
         if self.reward_normalization is not None:
             return self.reward_normalization
-        return "batch" if self.name == "reinforce_pp" else "group"
+        return {"reinforce_pp": "batch", "ppo": "none"}.get(self.name, "group")
 
     @property
     def needs_log_z(self) -> bool:
         return self.name == "flowrl"
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.name == "ppo"
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    lr: float = setting(1e-5, "PPO: the critic's peak learning rate (Adam; warm-up, weight decay and gradient clip "
+                        "as train's)", gt=0)
+    value_clip: float = setting(0.5, "PPO: a new value stays within this of the value the step started with, in the "
+                                "value loss's clipped term", gt=0)
 
 
 @dataclass(frozen=True)
@@ -258,6 +275,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     z_head: ZHeadConfig = field(default_factory=ZHeadConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -468,9 +486,9 @@ def validate(cfg: RunConfig) -> None:
     if ro.n < 2 and cfg.algorithm.normalization == "group":
         raise UserError(f"rollout.n={ro.n}: group-normalised rewards need at least 2 responses per prompt.")
     algo = cfg.algorithm
-    if algo.kl_coef and algo.name not in ("grpo", "reinforce_pp"):
-        raise UserError(f"algorithm.kl_coef is a per-token penalty of grpo and reinforce_pp, not of {algo.name}; set "
-                        "it to 0 (FlowRL's objective already holds the policy to the reference).")
+    if algo.kl_coef and algo.name not in ("grpo", "reinforce_pp", "ppo"):
+        raise UserError(f"algorithm.kl_coef is a per-token penalty of grpo, reinforce_pp and ppo, not of {algo.name}; "
+                        "set it to 0 (FlowRL's objective already holds the policy to the reference).")
     if r.overlong_buffer >= ro.max_response_tokens:
         raise UserError(f"reward.overlong_buffer={r.overlong_buffer} must be below rollout.max_response_tokens="
                         f"{ro.max_response_tokens} (DAPO: 4096 of 20480).")

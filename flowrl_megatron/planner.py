@@ -2,7 +2,9 @@
 
 Trainer ranks (the largest pipeline stage, one tensor-parallel shard): weights in ``model.dtype``; fp32 gradient
 buffers (Megatron DDP reduces in fp32); Adam state (fp32 moments, plus fp32 master weights under bf16), divided
-by the data-parallel size with the distributed optimizer; the reference model's weights; the Z head; activations
+by the data-parallel size with the distributed optimizer; the reference model's weights; the Z head; PPO's critic
+(weights, gradients and Adam state of the same model without its vocabulary projection; its activations do not
+add, its passes come after the policy's with the same micro-batches and no logits); activations
 of the micro-batches a 1F1B pipeline keeps in flight (up to PP of them on the first stage), with full recompute
 only each layer's input, plus one layer's working set (Korthikanti et al. 2022: 10 + 24/TP bytes per token and
 hidden unit at 16 bits with flash attention, plus 5 a s / (h TP) for unfused attention's scores); the last
@@ -55,6 +57,14 @@ def stage_params(arch: ModelArch, tp: int, pp: int) -> int:
     return stage // tp
 
 
+def critic_params(arch: ModelArch, tp: int, pp: int) -> int:
+    """PPO's critic on the largest stage of one tensor-parallel rank: the policy's stage without a vocabulary
+    projection (embedding untied), and the replicated Linear(h, 1) value head on the last stage."""
+    stage = (arch.num_layers // pp * layer_params(arch) + arch.padded_vocab_size * arch.hidden_size
+             + arch.hidden_size) // tp
+    return stage + (arch.hidden_size + 1 if pp == 1 else 0)  # with pp > 1 the embedding's first stage is larger
+
+
 def z_head_params(arch: ModelArch, cfg: RunConfig) -> int:
     """Two hidden Linear(h, h) blocks (each with a LayerNorm in the authors' variant) and Linear(h, 1)."""
     h = arch.hidden_size
@@ -92,6 +102,10 @@ def trainer_lines(cfg: RunConfig, arch: ModelArch, attention: str = "flash") -> 
         lines.append(Line("reference model", params * width, "weights only"))
     if z:
         lines.append(Line("Z head", z * (width + 4 + adam), "weights, gradients, optimizer"))
+    if cfg.algorithm.needs_critic:
+        critic = critic_params(arch, tp, pp)
+        lines.append(Line("critic", critic * (width + 4 + adam),
+                          f"{critic / 1e9:.2f}B parameters: weights, gradients, optimizer"))
     lines += [
         Line("activations", in_flight * stored + working,
              f"{in_flight} micro-batch(es) in flight x {layers} layers, recompute={t.recompute}, "

@@ -4,7 +4,8 @@ Rank 0 is also the driver (``rollout.producer``): it owns the prompts, the rollo
 hands each step's rollout groups to every rank. One step (``train_step``): the rollout batch (synchronous: sampled
 now with the current weights; asynchronous: taken from what the producer generated meanwhile) -> normalised
 rewards -> reference (and, when off-policy mini-batches follow, old) log-probs -> per mini-batch of prompts:
-forward_backward + optimizer step, ``epochs`` times -> weight sync to the engines. ``run`` owns the cadence around
+forward_backward + optimizer step, ``epochs`` times (PPO: GAE advantages from the critic's values first, and the
+critic's value-loss update beside each policy update) -> weight sync to the engines. ``run`` owns the cadence around
 it: evaluation every ``eval.every`` steps, metrics, a checkpoint every ``checkpoint.every`` steps.
 
     python -m torch.distributed.run --nproc-per-node N -m flowrl_megatron.trainer RUN_DIR/config.yaml
@@ -84,14 +85,22 @@ class Trainer:
         self.minis = t.prompts_per_step // t.mini_batch_prompts
         self.batching = MicroBatching(micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_micro_batch,
                                       packed=t.pack_sequences and takes_packed_sequences(cfg.model.attention))
+        updates = t.steps * self.minis * t.epochs
         self.scheduler = build_lr_scheduler(self.optimizer, lr=t.lr, warmup_steps=t.warmup_steps,
-                                            total_steps=t.steps * self.minis * t.epochs, weight_decay=t.weight_decay)
+                                            total_steps=updates, weight_decay=t.weight_decay)
+        self.critic = None
+        if cfg.algorithm.needs_critic:
+            from flowrl_megatron.training.critic import Critic
+
+            self.critic = Critic.build(self.arch, cfg.critic, t, dtype, cfg.model.attention, init_ckpt, updates)
         self.nonfinite = NonFiniteGuard(t.stop_after_nonfinite)
         self.step, version, rollout = 0, 0, {"stream": {"epoch": 0, "offset": 0}, "pending": []}
         resumed = latest_checkpoint(self.run_dir / "checkpoints")
         if resumed is not None:
-            state = load_training_state(resumed, self.policy, self.optimizer)
+            state = load_training_state(resumed, self.policy, self.optimizer, critic=self.critic)
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.critic is not None:
+                self.critic.scheduler.load_state_dict(state["critic_scheduler"])
             self.step, version = state["step"], state["weight_version"]
             rollout = state.get("rollout") or {"stream": state["data"], "pending": []}  # "data": older checkpoints
             if self.rank0:
@@ -239,8 +248,9 @@ class Trainer:
             full.current = (full.first_version == version) & (full.last_version == version)
         rows = t.mini_batch_prompts * cfg.rollout.n
         minis = local_rows(full, rows, cfg.dp, self.batching, parallel_state.get_data_parallel_rank())
+        mine = torch.cat(minis)
         local = full.replace(rewards=None, truncated=None, first_version=None, last_version=None)
-        local = local.trimmed(torch.cat(minis))
+        local = local.trimmed(mine)
         starts = [0]
         for m in minis:
             starts.append(starts[-1] + len(m))
@@ -252,8 +262,11 @@ class Trainer:
                 local.old_logprobs = local.rollout_logprobs
             elif self.minis * t.epochs > 1:  # off-policy mini-batches follow: keep the sampling policy's log-probs
                 local.old_logprobs = forward_logprobs([self.ddp], local, **kw)
+            if self.critic is not None:  # PPO: per-token advantages from the critic's values, by GAE
+                self.critic.set_advantages(local, full.rewards[mine], algo, self.batching)
         totals: dict[str, float] = {}
-        grad_norms = []
+        grad_norms, critic_norms = [], []
+        models = [self.ddp] + ([self.critic.ddp] if self.critic is not None else [])
         mismatch, skipped, empty = None, 0, 0
         with timer("update"):
             for epoch in range(t.epochs):
@@ -270,12 +283,17 @@ class Trainer:
                     self.optimizer.zero_grad()
                     stats = forward_backward([self.ddp], mb, algo, **kw,
                                              groups=t.mini_batch_prompts if algo.needs_log_z else 0)
+                    if self.critic is not None:
+                        self.critic.zero_grad()
+                        stats.update(self.critic.forward_backward(mb, self.batching))
                     if first:
                         mismatch = self._check_rollout_mismatch(stats)
-                    if self.nonfinite.check(stats, [self.ddp], self.step + 1):
+                    if self.nonfinite.check(stats, models, self.step + 1):  # policy and critic step together
                         _, grad_norm, _ = self.optimizer.step()
                         self.scheduler.step(increment=1)
                         grad_norms.append(float(grad_norm or 0.0))
+                        if self.critic is not None:
+                            critic_norms.append(self.critic.step())
                     else:
                         skipped += 1
                     for name, v in stats.items():
@@ -294,7 +312,14 @@ class Trainer:
         return {**self._step_metrics(full, rollouts, totals, mismatch, grad_norms, version), **probe,
                 "reward/accuracy": correct, "optim/skipped_updates": float(skipped),
                 **({"optim/empty_mini_batches": float(empty)} if algo.mask_truncated else {}),
-                **({"reward/overlong_penalty": penalty.mean().item()} if cfg.reward.overlong_buffer else {})}
+                **({"reward/overlong_penalty": penalty.mean().item()} if cfg.reward.overlong_buffer else {}),
+                **self._critic_metrics(critic_norms)}
+
+    def _critic_metrics(self, grad_norms: list[float]) -> dict[str, float]:
+        if self.critic is None:
+            return {}
+        return {"optim/critic_lr": self.critic.optimizer.param_groups[0]["lr"],
+                "optim/critic_grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")}
 
     def _check_rollout_mismatch(self, stats: dict[str, float]) -> Mismatch | None:
         """The engines' log-probs against the trainer's, before any update, on the samples these weights sampled
@@ -457,8 +482,10 @@ class Trainer:
             rollout = self.driver.state()
         state = {"step": self.step, "weight_version": self.sync.version, "scheduler": self.scheduler.state_dict(),
                  "rollout": rollout}
+        if self.critic is not None:
+            state["critic_scheduler"] = self.critic.scheduler.state_dict()
         save_training_state(self.run_dir / "checkpoints", self.step, self.policy, self.optimizer, state,
-                            self.cfg.checkpoint.keep, hf_side=self.cfg.model.path)
+                            self.cfg.checkpoint.keep, hf_side=self.cfg.model.path, critic=self.critic)
 
     # -- the run --------------------------------------------------------------------------------------------
 

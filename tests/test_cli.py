@@ -107,7 +107,7 @@ CASES = [
     ('{T} model.tp=3', 'TP=3 does not divide the 4 attention heads'),
     ('{T} model.pp=3', 'PP=3 does not divide the 4 layers'),
     ('{T} rollout.n=1', 'group-normalised rewards need at least 2 responses per prompt'),
-    ('{T} algorithm.kl_coef=0.01', 'algorithm.kl_coef is a per-token penalty of grpo and reinforce_pp, not of flowrl'),
+    ('{T} algorithm.kl_coef=0.01', 'algorithm.kl_coef is a per-token penalty of grpo, reinforce_pp and ppo, not of flowrl'),
     ('{T} reward.overlong_buffer=64 rollout.max_response_tokens=64', 'reward.overlong_buffer=64 must be below'),
     ('{T} rollout.max_response_tokens=1000', "exceeds the model's max_position_embeddings (512)"),
     ('{T} eval.every=5', 'eval.every is set but eval.files is empty'),

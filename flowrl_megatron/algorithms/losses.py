@@ -1,4 +1,5 @@
-"""FlowRL and the clipped-surrogate baselines (GRPO, REINFORCE++, GSPO), on per-token log-probs.
+"""FlowRL and the clipped-surrogate baselines (GRPO, REINFORCE++, GSPO, PPO), on per-token log-probs; PPO's value
+loss.
 
 Every loss returns ``(sum of per-unit losses, number of units, stats)``. The unit is the
 sequence for FlowRL (the paper's sequence-mean aggregation) and GSPO, and the response token for
@@ -39,7 +40,7 @@ class LossInputs:
     old_logprobs: torch.Tensor  # [b, s] policy that generated the samples
     ref_logprobs: torch.Tensor  # [b, s] frozen reference
     response_mask: torch.Tensor  # [b, s] bool: response tokens
-    advantages: torch.Tensor  # [b] normalised rewards (r_hat)
+    advantages: torch.Tensor  # [b] normalised rewards (r_hat), or [b, s] per-token advantages (PPO)
     log_z: torch.Tensor | None = None  # [b] FlowRL partition function of each prompt
     group_ids: torch.Tensor | None = None  # [b] prompt group in range(groups): per-group stats when given
     groups: int = 0
@@ -130,12 +131,12 @@ def flowrl_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
 def clipped_surrogate_loss(
     cfg: AlgorithmConfig, x: LossInputs
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clipped token-level surrogate with a sequence advantage (GRPO, REINFORCE++), token-mean; asymmetric clip
-    range with ``clip_eps_high`` (DAPO's clip-higher)."""
+    """PPO-clipped token-level surrogate with a sequence advantage (GRPO, REINFORCE++) or a token one (PPO),
+    token-mean; asymmetric clip range with ``clip_eps_high`` (DAPO's clip-higher)."""
     mask = x.response_mask.float() * x.kept().unsqueeze(-1)
     log_ratio = x.logprobs - x.old_logprobs
     ratio = log_ratio.exp()
-    adv = x.advantages.unsqueeze(-1)
+    adv = x.advantages if x.advantages.dim() == 2 else x.advantages.unsqueeze(-1)
     clipped_ratio = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     kept = sequence_mask(cfg, log_ratio, mask)
     per_tok = -torch.minimum(ratio * adv, clipped_ratio * adv) * kept.unsqueeze(-1)
@@ -189,4 +190,23 @@ def policy_loss(cfg: AlgorithmConfig, x: LossInputs) -> tuple[torch.Tensor, torc
         return flowrl_loss(cfg, x)
     if cfg.name == "gspo":
         return sequence_surrogate_loss(cfg, x)
-    return clipped_surrogate_loss(cfg, x)
+    return clipped_surrogate_loss(cfg, x)  # GRPO, REINFORCE++, PPO
+
+
+def value_loss(value_clip: float, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped value loss, token-mean: ``0.5 max((V - R)^2, (clip(V, V_old +- value_clip) - R)^2)``, the
+    pessimistic of the free and the clipped error (so the value moves at most ``value_clip`` per step where that
+    would lower the loss)."""
+    m = mask.float()
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    free, held = (values - returns).pow(2), (clipped - returns).pow(2)
+    per_tok = 0.5 * torch.maximum(free, held)
+    total = _masked_sum(per_tok, m).sum()
+    stats = {
+        "tok/value_loss": total.detach(),
+        "tok/value": _masked_sum(values.detach(), m).sum(),
+        "tok/return": _masked_sum(returns, m).sum(),
+        "tok/value_clip_fraction": _masked_sum((held > free).float(), m).sum(),
+    }
+    return total, m.sum().to(torch.int), stats

@@ -15,6 +15,7 @@ from megatron.core.transformer import ModuleSpec, TransformerConfig
 from flowrl_megatron.config import ZHeadConfig
 from flowrl_megatron.models.arch import Llama3RopeScaling, ModelArch
 from flowrl_megatron.models.policy import PolicyModel
+from flowrl_megatron.models.value import ValueModel
 
 
 def transformer_engine_available() -> bool:
@@ -116,13 +117,17 @@ def build_gpt_model(
     calculate_per_token_loss: bool = False,
     recompute: bool = False,
     attention: str = "default",
+    value_head: bool = False,
 ) -> GPTModel:
     """The pipeline stage of the model that belongs to this rank, with vocab-parallel logits.
 
-    With ``z_head`` it is the FlowRL policy (``PolicyModel``); without, a plain GPTModel (reference).
+    With ``z_head`` it is the FlowRL policy (``PolicyModel``); with ``value_head``, PPO's critic (``ValueModel``,
+    untied: values instead of logits); else a plain GPTModel (reference, or a baseline's policy).
     """
+    if z_head is not None and value_head:
+        raise ValueError("a model has a Z head or a value head, not both")
     config = transformer_config(arch, params_dtype, calculate_per_token_loss, recompute)
-    model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else GPTModel
+    model_cls = partial(PolicyModel, z_head=z_head) if z_head is not None else ValueModel if value_head else GPTModel
     model = model_cls(
         config=config,
         transformer_layer_spec=layer_spec(arch.qk_norm, use_te, attention),
@@ -131,7 +136,7 @@ def build_gpt_model(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_embeddings,
+        share_embeddings_and_output_weights=arch.tie_embeddings and not value_head,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=arch.rope_theta,

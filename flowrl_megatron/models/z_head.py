@@ -23,16 +23,22 @@ class ZHead(nn.Module):
         generator = torch.Generator().manual_seed(cfg.init_seed)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
-                bound = 1 / hidden_size**0.5
-                with torch.no_grad():
-                    layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
-                    layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator))
+                seeded_init(layer, generator)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """[b, h] pooled prompt states -> [b] log Z, in float32."""
         if self.detach_input:
             pooled = pooled.detach()
         return self.net(pooled).squeeze(-1).float()
+
+
+def seeded_init(layer: nn.Linear, generator: torch.Generator) -> None:
+    """torch's default range for a linear layer, U(-1/sqrt(in), 1/sqrt(in)), drawn from ``generator``: a head's
+    initial weights then depend on neither the parallel layout nor the global RNG."""
+    bound = 1 / layer.in_features**0.5
+    with torch.no_grad():
+        layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
+        layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator))
 
 
 def mean_pool(

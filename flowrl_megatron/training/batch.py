@@ -25,7 +25,9 @@ class Batch:
     old_logprobs: torch.Tensor | None = None  # [B, S] the importance weights' denominator
     ref_logprobs: torch.Tensor | None = None  # [B, S] frozen reference
     rewards: torch.Tensor | None = None  # [B] raw rewards
-    advantages: torch.Tensor | None = None  # [B] normalised rewards (r_hat)
+    advantages: torch.Tensor | None = None  # [B] normalised rewards (r_hat), or [B, S] per token (PPO's GAE)
+    values: torch.Tensor | None = None  # [B, S] PPO: the critic's values when the step began (value clipping)
+    returns: torch.Tensor | None = None  # [B, S] PPO: the value targets, advantages + values
     group_ids: torch.Tensor | None = None  # [B] long: the prompt group of each sample
     truncated: torch.Tensor | None = None  # [B] bool: the response hit the token limit
     first_version: torch.Tensor | None = None  # [B] long: weight version that sampled the first token

@@ -7,7 +7,7 @@ absent): the weights that sampled them are the weights being trained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,12 @@ def token_logprobs(logits, tokens, vocab_size: int, temperature: float):
     """
     next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the last position's target is unused
     lp, ent = megatron_logprobs(logits, next_tokens, vocab_size, temperature)
-    pad = lp.new_zeros(lp.shape[0], 1)
-    return torch.cat([pad, lp[:, :-1]], dim=1), torch.cat([pad, ent[:, :-1]], dim=1)
+    return token_aligned(lp), token_aligned(ent)
+
+
+def token_aligned(per_position: torch.Tensor) -> torch.Tensor:
+    """[b, s] computed at position t - 1 (from the tokens up to it), placed at position t; position 0 is 0."""
+    return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position[:, :-1]], dim=1)
 
 
 def _logprobs(micro: MicroBatch, logits, vocab_size: int, temperature: float):
@@ -39,7 +43,7 @@ def _logprobs(micro: MicroBatch, logits, vocab_size: int, temperature: float):
     return micro.to_rows(lp), micro.to_rows(ent)
 
 
-def _run(model_chunks, batches: list[MicroBatch], step_fn, forward_only: bool) -> list:
+def run_schedule(model_chunks, batches: list[MicroBatch], step_fn, forward_only: bool) -> list:
     """megatron-core's schedule over ``batches``; their shapes vary, which pipeline stages exchange first
     (``variable_seq_lengths``), so the shapes given here matter to nothing."""
     n, width = batches[0].rows.tokens.shape
@@ -107,7 +111,7 @@ def forward_backward(
 
         return out, loss_func
 
-    per_mb = _run(model_chunks, micro_batches(batch, batching), step, forward_only=False)
+    per_mb = run_schedule(model_chunks, micro_batches(batch, batching), step, forward_only=False)
     return reduce_stats(per_mb)
 
 
@@ -123,26 +127,34 @@ def forward_logprobs(
 
     Positions past a row's sample hold zeros.
     """
+    return forward_rows(model_chunks, batch, batching,
+                        lambda micro, logits: _logprobs(micro, logits, vocab_size, temperature)[0])
+
+
+def forward_rows(model_chunks: list, batch: Batch, batching: MicroBatching,
+                 rows_of: Callable[[MicroBatch, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """A forward pass without gradients: ``rows_of(micro, output)`` [n, L] for every micro-batch, gathered into
+    [B, S] in ``batch``'s row order (zeros outside each sample); on the last stage, else None."""
 
     def step(data_iterator: Iterator, model):
         micro: MicroBatch = next(data_iterator)
         out = model(**micro.model_inputs(with_prompt_mask=False))
 
         def collect(output):
-            lp, _ = _logprobs(micro, output, vocab_size, temperature)
-            return lp.sum() * 0, torch.tensor(1, dtype=torch.int), {"logprobs": lp.detach()}
+            rows = rows_of(micro, output)
+            return rows.sum() * 0, torch.tensor(1, dtype=torch.int), {"rows": rows.detach()}
 
         return out, collect
 
     batches = micro_batches(batch, batching)
     with torch.no_grad():
-        per_mb = _run(model_chunks, batches, step, forward_only=True)
+        per_mb = run_schedule(model_chunks, batches, step, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
     out = torch.zeros(batch.tokens.shape, device=device())
     for micro, d in zip(batches, per_mb, strict=True):
-        lp = d["logprobs"] * micro.rows.prompt_mask.logical_or(micro.rows.response_mask)
-        out[micro.index.to(out.device), : lp.shape[1]] = lp
+        rows = d["rows"] * micro.rows.prompt_mask.logical_or(micro.rows.response_mask)
+        out[micro.index.to(out.device), : rows.shape[1]] = rows
     return out
 
 

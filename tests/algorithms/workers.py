@@ -134,7 +134,37 @@ def _variant_gradients(ckpt: str, arch, micro_batch_size: int, max_tokens: int, 
                                  vocab_size=arch.vocab_size, groups=2)
         grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
         result[name] = {"stats": stats, "grads": grads}
+    result["ppo"] = _ppo_gradients(ckpt, arch, model, ddp, local, batch.rewards[mine], batching, recompute,
+                                   attention)
     return result
+
+
+def _ppo_gradients(ckpt: str, arch, model, ddp, local, rewards, batching, recompute: bool, attention: str) -> dict:
+    """PPO on the same batch: the critic's values -> GAE (whitened over every DP rank's share) -> the policy's
+    clipped surrogate and the critic's value loss; the statistics, the policy's and the critic's gradients."""
+    import dataclasses
+
+    from flowrl_megatron.config import AlgorithmConfig, CriticConfig, TrainConfig
+    from flowrl_megatron.conversion.gather import gather_hf_state
+    from flowrl_megatron.training.critic import Critic
+    from flowrl_megatron.training.step import forward_backward
+
+    ppo = AlgorithmConfig(name="ppo")
+    train = TrainConfig(recompute="full" if recompute else "none")
+    critic = Critic.build(arch, CriticConfig(), train, torch.float32, attention, ckpt, total_updates=1)
+    batch = local.replace()
+    critic.set_advantages(batch, rewards, ppo, batching)
+    ddp.zero_grad_buffer()
+    stats = forward_backward([ddp], batch, ppo, batching=batching, vocab_size=arch.vocab_size)
+    critic.zero_grad()
+    stats.update(critic.forward_backward(batch, batching))
+    grads = gather_hf_state(model, arch, tensor_of=lambda p: p.main_grad)
+    # The critic's trunk through the mapping of a model without a vocabulary projection (tied: none of its own),
+    # its value head as it is.
+    trunk = dataclasses.replace(arch, tie_embeddings=True)
+    critic_grads = gather_hf_state(critic.model, trunk, tensor_of=lambda p: p.main_grad,
+                                   extra_prefixes=("output_layer.",))
+    return {"stats": stats, "grads": grads, "critic_grads": critic_grads}
 
 
 def log_z_per_sample(model, batch, packed: bool) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """One global batch gives the same loss and gradients whatever the TP/PP/DP layout and micro-batching (fixed rows,
-by token budget, packed into THD rows), and with full activation recompute. Packed micro-batches also give the same
+by token budget, packed into THD rows), and with full activation recompute; for PPO also the critic's values, the
+GAE advantages whitened over the data-parallel ranks, and the critic's value-loss gradients. Packed micro-batches also give the same
 per-token log-probs and per-sample log Z as padded rows."""
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def test_same_loss_and_gradients_as_single_process(results, algorithm, layout):
     for name, g in base["grads"].items():
         assert (other["grads"][name] - g).abs().max().item() <= TOL, name
     assert max(g.abs().max().item() for g in base["grads"].values()) > 1e-3  # gradients are not trivially zero
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=layout_id)
+def test_ppo_policy_and_critic_gradients_equal_single_process(results, layout):
+    base, other = results[LAYOUTS[0]]["ppo"], results[layout]["ppo"]
+    assert base["stats"].keys() == other["stats"].keys()
+    assert {"value_loss", "value", "return", "value_clip_fraction", "loss", "clip_fraction"} <= base["stats"].keys()
+    for k, v in base["stats"].items():
+        if k not in ("count/model_tokens", "count/micro_batches"):
+            assert other["stats"][k] == pytest.approx(v, abs=TOL, rel=TOL), k
+    for part in ("grads", "critic_grads"):
+        assert base[part].keys() == other[part].keys()
+        assert max(g.abs().max().item() for g in base[part].values()) > 1e-3, part
+        for name, g in base[part].items():
+            assert (other[part][name] - g).abs().max().item() <= TOL, (part, name)
+    head = base["critic_grads"]["output_layer.weight"]
+    assert head.shape[0] == 1 and head.abs().max() > 1e-3  # the value head: one output, trained
+    assert all(g.abs().max() == 0 for k, g in base["grads"].items() if k.startswith("z_head."))  # no log Z in PPO
 
 
 @pytest.mark.distributed

@@ -238,6 +238,39 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
 
 
+def test_a_ppo_run_killed_and_resumed_equals_an_uninterrupted_one_critic_included(recipe, tmp_path):
+    """PPO, synchronous: SIGKILL of the whole run (launcher, torchrun, rank) after step 3, whose last checkpoint is
+    step 2's; resumed, it ends bit-identical to an uninterrupted run: the same metrics, the same policy and critic
+    and both optimizers' moments. The critic is checkpointed under ``critic.`` keys and is not in the export."""
+    settings = ("algorithm.name=ppo", "eval.every=0")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert start(recipe, whole, *settings).wait(timeout=600) == 0, whole.with_suffix(".log").read_text()[-3000:]
+    rows = metrics(whole)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["train/value_loss"] > 0 and r["optim/critic_grad_norm"] > 0 for r in rows)
+    assert all(r["optim/critic_lr"] == pytest.approx(1e-5) for r in rows[1:])  # its own rate, after 1 warm-up step
+    proc = start(recipe, broken, *settings)
+    wait_for_steps(proc, broken, 3)
+    kill_run(proc)
+    assert start(recipe, broken, *settings).wait(timeout=600) == 0
+    assert "resuming from" in broken.with_suffix(".log").read_text()
+    assert untimed(metrics(broken)) == untimed(metrics(whole))
+    a, b = final_state(whole), final_state(broken)
+    critic = [k for k in a if k.startswith("critic.")]
+    assert any(k.startswith("critic.output_layer.") for k in critic)
+    assert any("exp_avg" in k and ".critic." in k for k in a)  # the critic's Adam moments
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["critic.decoder.final_layernorm.weight"], a["decoder.final_layernorm.weight"])
+    checkpoint = whole / "checkpoints" / (whole / "checkpoints" / "latest").read_text().strip()
+    subprocess.run([sys.executable, "-m", "checkpoints_tools.megatron_to_hf", "--input", str(checkpoint), "--output",
+                    str(tmp_path / "exported")], cwd=REPO, capture_output=True, check=True)
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert torch.equal(exported["model.norm.weight"], a["decoder.final_layernorm.weight"])  # the policy's
+    assert not [k for k in exported if "critic" in k or "value" in k]
+
+
 def test_gspo_with_dapos_options_through_flowrl_train(recipe, tmp_path):
     """GSPO with clip-higher, dynamic sampling and overlong shaping, end to end: half the prompts always get equal
     rewards, so every step drops some groups and samples more (counted in the metrics and in rollouts.jsonl, each

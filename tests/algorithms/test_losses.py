@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from flowrl_megatron.algorithms.advantages import batch_normalized, group_normalized
-from flowrl_megatron.algorithms.losses import LossInputs, policy_loss
+from flowrl_megatron.algorithms.advantages import batch_normalized, gae, group_normalized, whiten
+from flowrl_megatron.algorithms.losses import LossInputs, policy_loss, value_loss
 from flowrl_megatron.config import AlgorithmConfig
 
 
@@ -233,3 +233,83 @@ def test_flowrl_without_log_z_is_a_clear_error():
     x.log_z = None
     with pytest.raises(ValueError, match="FlowRL needs log Z"):
         policy_loss(AlgorithmConfig(), x)
+
+
+def response_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three rows whose responses start and end at different positions; rewards and values in float64."""
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 2:7], mask[1, 1:3], mask[2, 4:8] = True, True, True
+    g = torch.Generator().manual_seed(7)
+    return torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64), torch.randn(3, 8, generator=g,
+                                                                            dtype=torch.float64), mask
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 1.0), (1.0, 0.0), (0.9, 0.8)])
+def test_gae_is_the_discounted_sum_of_td_errors(gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l} over the response, delta_t = r_t + gamma V_{t+1} - V_t with the reward at
+    the last response token and V = 0 after it; written out per row here, against the vectorised backward pass."""
+    rewards, values, mask = response_rows()
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for i in range(3):
+        pos = mask[i].nonzero().squeeze(1).tolist()
+        v = [values[i, t].item() for t in pos] + [0.0]
+        r = [0.0] * (len(pos) - 1) + [rewards[i].item()]
+        delta = [r[k] + gamma * v[k + 1] - v[k] for k in range(len(pos))]
+        for k, t in enumerate(pos):
+            want = sum((gamma * lam) ** j * delta[k + j] for j in range(len(pos) - k))
+            assert adv[i, t].item() == pytest.approx(want, abs=1e-12)
+            assert ret[i, t].item() == pytest.approx(want + v[k], abs=1e-12)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+    if (gamma, lam) == (1.0, 1.0):  # outcome-reward PPO's default: the advantage is the reward minus the value
+        assert torch.allclose(adv, (rewards[:, None] - values) * mask, atol=1e-12)
+        assert torch.allclose(ret, rewards[:, None].expand_as(values) * mask, atol=1e-12)
+
+
+def test_whitening_gives_mean_zero_unit_variance_over_the_masked_tokens():
+    _, values, mask = response_rows()
+    out = whiten(values, mask)
+    kept = out[mask]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert kept.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-6)
+    assert (out[~mask] == 0).all()
+    assert torch.allclose(kept, (values[mask] - values[mask].mean()) / (values[mask].var() + 1e-8).sqrt())
+
+
+def test_value_loss_gradient_matches_hand_derivation():
+    """0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean: d/dV = (V - R) / N where the free term is the
+    larger (or they tie), 0 where the clipped one is larger and the clip is active."""
+    _, old, mask = response_rows()
+    g = torch.Generator().manual_seed(8)
+    returns = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    values = (old + torch.randn(3, 8, generator=g, dtype=torch.float64) * 0.6).requires_grad_(True)
+    c = 0.5
+    total, count, stats = value_loss(c, values, old, returns, mask)
+    (total / count).backward()
+    v = values.detach()
+    clipped = old + (v - old).clamp(-c, c)
+    free, held = (v - returns) ** 2, (clipped - returns) ** 2
+    clip_wins = held > free  # only possible where the clip moved the value
+    m = mask.double()
+    want = torch.where(clip_wins, torch.zeros_like(v), v - returns) * m / m.sum()
+    assert clip_wins[mask].any() and (~clip_wins[mask]).any()
+    assert torch.allclose(values.grad, want, atol=1e-12, rtol=0)
+    assert count.item() == int(m.sum()) and stats["tok/value_clip_fraction"].item() == clip_wins[mask].sum().item()
+    assert (total / count).item() == pytest.approx((0.5 * torch.maximum(free, held) * m).sum().item() / m.sum().item())
+
+
+def test_ppo_surrogate_takes_per_token_advantages():
+    """PPO's policy loss is the clipped token surrogate with A_t per token: d/d log pi_t = -A_t ratio_t / N where the
+    clip is not active."""
+    cfg = AlgorithmConfig(name="ppo", clip_eps=0.05)
+    assert cfg.normalization == "none" and cfg.needs_critic and not cfg.needs_log_z
+    x = random_inputs(seed=9)
+    adv = torch.randn(x.logprobs.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    x = LossInputs(**{**x.__dict__, "advantages": adv})
+    total, count, _ = policy_loss(cfg, x)
+    (total / count).backward()
+    m = x.response_mask.double()
+    ratio = torch.exp(x.logprobs.detach() - x.old_logprobs)
+    active = ((adv > 0) & (ratio > 1.05)) | ((adv < 0) & (ratio < 0.95))
+    assert active[m.bool()].any() and (~active[m.bool()]).any()
+    want = torch.where(active, torch.zeros_like(ratio), -adv * ratio) * m / m.sum()
+    assert torch.allclose(x.logprobs.grad, want, atol=1e-12, rtol=0)

@@ -1,7 +1,7 @@
 """One global batch gives the same loss and gradients whatever the TP/PP/DP layout and micro-batching (fixed rows,
 by token budget, packed into THD rows), and with full activation recompute; for PPO also the critic's values, the
-GAE advantages whitened over the data-parallel ranks, and the critic's value-loss gradients. Packed micro-batches also give the same
-per-token log-probs and per-sample log Z as padded rows."""
+GAE advantages whitened over the data-parallel ranks, and the critic's value-loss gradients. Packed micro-batches
+also give the same per-token log-probs and per-sample log Z as padded rows."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ CASES = [
     ('{T} trian.lr=1', 'unknown setting trian (did you mean train?)'),
     ('{T} train.steps=ten', "train.steps must be int, got 'ten'"),
     ('{T} train.lr=oops', "train.lr must be float, got 'oops'"),
-    ('{T} algorithm.name=ppo', "algorithm.name must be one of ['flowrl', 'grpo', 'reinforce_pp', 'gspo']"),
+    ('{T} algorithm.name=dpo', "algorithm.name must be one of ['flowrl', 'grpo', 'reinforce_pp', 'gspo', 'ppo']"),
     ('{T} rollout.weight_update=abort', "rollout.weight_update must be one of ['keep', 'drain']"),
     ('{T} train', "override 'train' is not key=value"),
     ('{T} train=3', 'train is a section; set its keys, e.g. train.steps=...'),
@@ -232,7 +232,7 @@ def test_plan_takes_overrides_after_options_and_falls_back_to_the_published_conf
 @pytest.mark.parametrize(("recipe", "config"), [
     ("qwen2.5_7b_math.yaml", "qwen2.5-7b"), ("qwen3_8b_math.yaml", "qwen3-8b"),
     ("deepseek_r1_distill_qwen_7b_code.yaml", "deepseek-r1-distill-qwen-7b"),
-    ("qwen2.5_7b_math_grpo.yaml", "qwen2.5-7b"),
+    ("qwen2.5_7b_math_grpo.yaml", "qwen2.5-7b"), ("qwen2.5_7b_math_ppo.yaml", "qwen2.5-7b"),
 ])
 def test_each_recipe_plans_as_its_header_says(recipe, config, capsys):
     """``flowrl plan RECIPE``, as each header gives it, with the model not downloaded yet."""

@@ -65,6 +65,21 @@ def test_the_7b_grpo_baseline_differs_from_the_flowrl_recipe_only_in_its_objecti
     assert grpo == flowrl
 
 
+def test_the_7b_ppo_baseline_adds_a_critic_and_recompute_to_the_flowrl_recipe():
+    ppo, flowrl = (to_dict(load_config(REPO / "recipes" / r, check=False))
+                   for r in ("qwen2.5_7b_math_ppo.yaml", "qwen2.5_7b_math.yaml"))
+    a = ppo.pop("algorithm")
+    assert (a["name"], a["clip_eps"], a["gamma"], a["lam"], a["whiten_advantages"], a["kl_coef"]) == (
+        "ppo", 0.2, 1.0, 1.0, True, 0.0)
+    assert ppo.pop("critic") == {"lr": 1e-5, "value_clip": 0.5}
+    assert ppo["train"].pop("recompute") == "full" and flowrl["train"].pop("recompute") == "none"
+    assert ppo.pop("run_dir") != flowrl.pop("run_dir")
+    for d in (flowrl, ppo):
+        d.pop("algorithm", None)
+        d.pop("critic", None)
+    assert ppo == flowrl
+
+
 def test_override_values_are_yaml():
     assert parse_override("a.b=1e-6") == {"a": {"b": 1e-6}}
     assert parse_override("x=[1, 2]") == {"x": [1, 2]}

@@ -12,7 +12,7 @@ import pytest
 
 from flowrl_megatron.config import RunConfig, load_config
 from flowrl_megatron.models.arch import load_arch
-from flowrl_megatron.planner import GIB, plan, stage_params, total_params, z_head_params
+from flowrl_megatron.planner import GIB, critic_params, plan, stage_params, total_params, z_head_params
 from tests.distributed import REPO, run_distributed
 
 CONFIGS = REPO / "recipes" / "model_configs"
@@ -42,16 +42,19 @@ def test_parameter_counts_equal_the_real_modules(tmp_path, family, tied):
         cfg = load_config(None, [f"z_head.variant={variant}"], check=False)
         head = ZHead(arch.hidden_size, cfg.z_head, dtype=torch.float32)
         assert z_head_params(arch, cfg) == sum(p.numel() for p in head.parameters())
-    megatron = run_distributed("tests.test_planner:megatron_numel", 1, path=str(path))[0]
-    assert stage_params(arch, 1, 1) == megatron
+    policy, critic = run_distributed("tests.test_planner:megatron_numel", 1, path=str(path))[0]
+    assert stage_params(arch, 1, 1) == policy
+    assert critic_params(arch, 1, 1) == critic  # PPO's value model: untied embedding, Linear(h, 1) head
 
 
-def megatron_numel(path: str) -> int:
+def megatron_numel(path: str) -> tuple[int, int]:
+    """Parameters of the policy's and of PPO's critic's Megatron modules."""
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
     init_model_parallel(ParallelLayout())
-    return sum(p.numel() for p in build_gpt_model(load_arch(path)).parameters())
+    arch = load_arch(path)
+    return tuple(sum(p.numel() for p in build_gpt_model(arch, value_head=v).parameters()) for v in (False, True))
 
 
 def flowrl_plan(*args: str) -> subprocess.CompletedProcess:

@@ -4,6 +4,9 @@ Each run is seeded and single-threaded, but the table kept in docs/ is one CPU m
 differently, which moves the computed rows (target, reference) by at most 0.01 (seen: 0.005) and sends the trained
 rows down another sampling trajectory altogether (seen: FlowRL's KL 0.016 on one machine, 0.354 on another, same
 seed). So this test reproduces only the computed rows; the claims about training are ``--check``'s, over 3 seeds.
+Seed 2's 300-step warm-up itself ends elsewhere on some CPUs: the table's (AMD EPYC) reference has 0.209 of its mass
+on unrewarded responses, an Intel Xeon's 0.320 (KL to the target 2.900 against 4.415; seeds 0 and 1 within 0.005
+of the table there), so the computed rows are compared for seeds 0 and 1; ``--check`` still runs all three.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from tests.distributed import REPO
 
 DOC = REPO / "docs" / "toy_distribution_matching.md"
 COMPUTED = ("target pi*", "reference pi_ref")
+REPRODUCED_SEEDS = ("0", "1")  # whose warm-up ends at the table's reference on every CPU seen
 
 
 @pytest.mark.slow
@@ -28,7 +32,7 @@ def test_flowrl_matches_the_target_and_grpo_collapses():
     assert {key[1] for key in table} == {*COMPUTED, "FlowRL", "GRPO"}
     assert {key[0] for key in table} == {"0", "1", "2"}
     for key, values in table.items():
-        if key[1] in COMPUTED:
+        if key[1] in COMPUTED and key[0] in REPRODUCED_SEEDS:
             assert values == pytest.approx(kept[key], abs=0.01), f"{key}: the run no longer reproduces {DOC.name}"
 
 

@@ -114,8 +114,13 @@ class Trainer:
                   f"left out); micro-batches: {describe(self.batching)}", flush=True)
         self.sync = self._connect_weight_sync(version)
         # The engines serve model.path, or (engines started elsewhere, rollout.engine_urls) whatever an earlier run
-        # left them: give them this run's weights before anything samples.
-        self.sync.send(version=version)
+        # left them: give them this run's weights before anything samples (an engine lost meanwhile is restarted).
+        from flowrl_megatron.rollout.weight_sync import WeightSyncError
+
+        try:
+            self.sync.send(version=version)
+        except WeightSyncError as e:  # raised on every rank
+            self._restart_engines(self._failed_sync(e), "sending the weights at start-up", 0, version=version)
         self._probe = None  # the last weight update's probe (_start_probe), compared before the next update
         self.producer = None
         if self.driver is not None and cfg.rollout.max_staleness:

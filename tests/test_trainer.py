@@ -168,7 +168,10 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     assert proc.wait(timeout=900) == 0
     log = broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
     assert "resuming from" in log
-    assert "warning: step 3, generating rollouts: rollout engine 0 (" in log and "stopped answering" in log, log
+    # The first kill lands as generation starts, or (the access log line comes before the response's body) while
+    # the start-up sync's last reply is still on its way: either way the engine is restarted and gets the weights.
+    assert ("warning: step 3, generating rollouts: rollout engine 0 (" in log and "stopped answering" in log) or \
+        "warning: step 3, sending the weights at start-up: rollout engine 0 failed the weight sync" in log, log
     assert "warning: step 3, syncing weights: rollout engine 0 failed the weight sync" in log, log
     assert log.count("restarted in") == 2
     assert untimed(metrics(broken)) == untimed(metrics(whole))  # the same prompts, samples, rewards, losses

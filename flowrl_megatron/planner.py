@@ -15,6 +15,7 @@ GPU, or when an engine cannot hold one prompt's ``rollout.n`` full-length sequen
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from flowrl_megatron.config import RunConfig
@@ -59,9 +60,9 @@ def stage_params(arch: ModelArch, tp: int, pp: int) -> int:
 
 def critic_params(arch: ModelArch, tp: int, pp: int) -> int:
     """PPO's critic on the largest stage of one tensor-parallel rank: the policy's stage without a vocabulary
-    projection (embedding untied), and the replicated Linear(h, 1) value head on the last stage."""
-    stage = (arch.num_layers // pp * layer_params(arch) + arch.padded_vocab_size * arch.hidden_size
-             + arch.hidden_size) // tp
+    projection of its own (counted as a tied model's), and the replicated Linear(h, 1) value head on the last
+    stage."""
+    stage = stage_params(dataclasses.replace(arch, tie_embeddings=True), tp, pp)
     return stage + (arch.hidden_size + 1 if pp == 1 else 0)  # with pp > 1 the embedding's first stage is larger
 
 

@@ -114,13 +114,8 @@ class Trainer:
                   f"left out); micro-batches: {describe(self.batching)}", flush=True)
         self.sync = self._connect_weight_sync(version)
         # The engines serve model.path, or (engines started elsewhere, rollout.engine_urls) whatever an earlier run
-        # left them: give them this run's weights before anything samples (an engine lost meanwhile is restarted).
-        from flowrl_megatron.rollout.weight_sync import WeightSyncError
-
-        try:
-            self.sync.send(version=version)
-        except WeightSyncError as e:  # raised on every rank
-            self._restart_engines(self._failed_sync(e), "sending the weights at start-up", 0, version=version)
+        # left them: give them this run's weights before anything samples.
+        self._send_weights("sending the weights at start-up", version=version)
         self._probe = None  # the last weight update's probe (_start_probe), compared before the next update
         self.producer = None
         if self.driver is not None and cfg.rollout.max_staleness:
@@ -340,16 +335,21 @@ class Trainer:
     def _sync_weights(self) -> None:
         """The new weights to every engine; asynchronous: engines paused around the transfer with requests in
         flight, and what finishes from then on counts as (partly) sampled with the new version."""
-        from flowrl_megatron.rollout.weight_sync import WeightSyncError
-
         if self.producer is not None:
             self.producer.pause_engines()
-        try:
-            self.sync.send()
-        except WeightSyncError as e:  # raised on every rank
-            self._restart_engines(self._failed_sync(e), "syncing weights", 0, version=None)
+        self._send_weights("syncing weights")
         if self.producer is not None:
             self.producer.resume_engines(self.sync.version)
+
+    def _send_weights(self, what: str, version: int | None = None) -> None:
+        """The weights to every engine (as ``version``, or as the next one); a failed transfer restarts every engine
+        and sends them again (``_restart_engines``)."""
+        from flowrl_megatron.rollout.weight_sync import WeightSyncError
+
+        try:
+            self.sync.send(version=version)
+        except WeightSyncError as e:  # raised on every rank
+            self._restart_engines(self._failed_sync(e), what, 0, version=version)
 
     def _start_probe(self) -> None:
         """After a weight update: the trainer scores the fixed probe prompts now (every rank), every engine scores

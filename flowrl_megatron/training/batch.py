@@ -42,6 +42,10 @@ class Batch:
     def replace(self, **values: torch.Tensor | None) -> Batch:
         return dataclasses.replace(self, **values)
 
+    def loss_mask(self) -> torch.Tensor:
+        """[B, S] bool: the response tokens of the samples in the loss (``keep``)."""
+        return self.response_mask if self.keep is None else self.response_mask & self.keep[:, None]
+
     @property
     def rows(self) -> int:
         return self.tokens.shape[0]

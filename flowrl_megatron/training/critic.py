@@ -61,8 +61,7 @@ class Critic:
         values = values.cpu()
         advantages, returns = gae(rewards, values, batch.response_mask, algo.gamma, algo.lam)
         if algo.whiten_advantages:
-            mask = batch.response_mask if batch.keep is None else batch.response_mask & batch.keep[:, None]
-            advantages = whiten(advantages, mask, parallel_state.get_data_parallel_group())
+            advantages = whiten(advantages, batch.loss_mask(), parallel_state.get_data_parallel_group())
         batch.values, batch.returns, batch.advantages = values, returns, advantages
 
     def forward_backward(self, batch: Batch, batching: MicroBatching) -> dict[str, float]:
@@ -75,7 +74,7 @@ class Critic:
             rows = micro.rows
 
             def loss_func(output):
-                mask = rows.response_mask if rows.keep is None else rows.response_mask & rows.keep[:, None]
+                mask = rows.loss_mask()
                 values = micro.to_rows(token_aligned(output))
                 total, count, stats = value_loss(self.value_clip, values, rows.values, rows.returns, mask)
                 stats["count/tokens"] = mask.sum().float()

@@ -40,13 +40,15 @@ seed's numbers:
 - FlowRL matches the target (every mode at half its target mass or more, at most 0.05 unrewarded mass, against
   the reference's 0.21) in a majority of the seeds, and its mean KL is at most half of GRPO's.
 
-GSPO (``--algorithms flowrl,grpo,gspo``), a reward maximiser like GRPO, collapsed the same way in each seed of
-the table.
+GSPO and PPO (``--algorithms flowrl,grpo,gspo,ppo``), reward maximisers like GRPO, collapsed the same way in each
+seed of the table: 0.999 of the mass on one mode. PPO's critic starts from the reference's weights with a fresh value
+head and learns at 10x the policy's rate (verl's ratio); gamma = lambda = 1 and whitened advantages, as in
+production.
 
 KL(pi || pi*) weighs each unit of unrewarded mass by about beta = 15 nats, so it mostly reports leftover
 unrewarded mass; the mode masses and the unrewarded column show the shape separately.
 
-    python bench/toy_distribution_matching.py [--seeds 0,1,2] [--algorithms flowrl,grpo,gspo] [--jobs 2]
+    python bench/toy_distribution_matching.py [--seeds 0,1,2] [--algorithms flowrl,grpo,gspo,ppo] [--jobs 2]
         [--markdown docs/toy_distribution_matching.md] [--check]
 """
 
@@ -68,6 +70,7 @@ MODES = [(0, 1, 2), (3, 3, 0), (4, 2, 1), (1, 4, 4)]
 REF_MODE_MASS = [0.45, 0.20, 0.10, 0.05]  # uneven; the other 212 responses share the remaining 0.20
 BETA = 15.0
 CHECKED = ("flowrl", "grpo")  # the algorithms --check compares
+CRITIC_LR_MULT = 10.0  # PPO's critic learns at 10x the policy's rate, as in verl's PPO defaults (1e-5 vs 1e-6)
 
 
 def arch():
@@ -189,23 +192,48 @@ class Toy:
         from flowrl_megatron.training.step import forward_backward
 
         model, ddp = self.build(z_head=algorithm == "flowrl")
-        missing, unexpected = model.load_state_dict(ref_state, strict=False)
-        assert not unexpected and all(k.startswith("z_head.") or "_extra_state" in k for k in missing)
+        load_reference(model, ref_state, new_prefix="z_head.")
         cfg = AlgorithmConfig(name=algorithm, beta=BETA, reward_normalization=normalization)
         optimizer = build_optimizer([ddp], lr=lr, weight_decay=0.0, clip_grad=1.0, z_head_lr_mult=z_lr_mult)
         scheduler = build_lr_scheduler(optimizer, lr=lr, warmup_steps=0, total_steps=steps, weight_decay=0.0)
+        critic = self.critic(ref_state, CRITIC_LR_MULT * lr, steps) if cfg.needs_critic else None
         sampler = torch.Generator().manual_seed(seed)
         groups = torch.zeros(samples, dtype=torch.long)
+        batching = MicroBatching(samples)
         for _ in range(steps):
             tok, pi = self.distribution(ddp)
             idx = torch.multinomial(pi.float(), samples, replacement=True, generator=sampler)
             adv = normalize_rewards(cfg, self.rewards[idx].float(), groups)
             batch = sequence_batch(self.responses[idx], old=tok[idx], ref=ref_tok[idx], advantages=adv)
+            if critic is not None:  # PPO: GAE advantages from the critic's values, then its value-loss update
+                critic.set_advantages(batch, self.rewards[idx].float(), cfg, batching)
+                critic.zero_grad()
+                critic.forward_backward(batch, batching)
+                critic.step()
             ddp.zero_grad_buffer()
-            forward_backward([ddp], batch, cfg, batching=MicroBatching(samples), vocab_size=VOCAB)
+            forward_backward([ddp], batch, cfg, batching=batching, vocab_size=VOCAB)
             optimizer.step()
             scheduler.step(increment=1)
         return self.distribution(ddp)[1]
+
+    def critic(self, ref_state: dict, lr: float, steps: int):
+        """PPO's value model from the reference's weights (a fresh value head), optimised like the policy."""
+        from flowrl_megatron.config import CriticConfig, TrainConfig
+        from flowrl_megatron.models.gpt import build_gpt_model
+        from flowrl_megatron.models.value import VALUE_HEAD_PREFIX
+        from flowrl_megatron.training.critic import Critic
+
+        model = build_gpt_model(self.arch, calculate_per_token_loss=True, value_head=True)
+        load_reference(model, {k: v for k, v in ref_state.items() if not k.startswith(VALUE_HEAD_PREFIX)},
+                       new_prefix=VALUE_HEAD_PREFIX)
+        train = TrainConfig(weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+        return Critic.around(model, CriticConfig(lr=lr), train, torch.float32, total_updates=steps)
+
+
+def load_reference(model: torch.nn.Module, ref_state: dict, new_prefix: str) -> None:
+    """The warmed-up reference's weights into ``model``; only its tensors under ``new_prefix`` keep their init."""
+    missing, unexpected = model.load_state_dict(ref_state, strict=False)
+    assert not unexpected and all(k.startswith(new_prefix) or "_extra_state" in k for k in missing)
 
 
 Row = dict  # {"kl": float, "modes": [float, ...], "other": float}: one policy's distribution, summarised
@@ -315,7 +343,8 @@ def check(result: dict) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (task reference and sampling)")
-    p.add_argument("--algorithms", default="flowrl,grpo", help="comma-separated: flowrl, grpo, gspo, reinforce_pp")
+    p.add_argument("--algorithms", default="flowrl,grpo", help="comma-separated: flowrl, grpo, gspo, ppo, "
+                   "reinforce_pp")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--samples", type=int, default=32, help="responses sampled per step (one group)")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -343,7 +372,7 @@ def main() -> None:
 
         about = __doc__.split("\n    python ")[0].strip()
         header = ("# Toy distribution matching\n\nGenerated by `python bench/toy_distribution_matching.py "
-                  "--algorithms flowrl,grpo,gspo --markdown docs/toy_distribution_matching.md`; `tests/algorithms/"
+                  "--algorithms flowrl,grpo,gspo,ppo --markdown docs/toy_distribution_matching.md`; `tests/algorithms/"
                   "test_toy_distribution_matching.py` runs `--check` and checks that the computed rows (target, "
                   "reference) reproduce the table.\n\n")
         write_text_atomic(args.markdown, header + about + "\n\n" + table + "\n")

@@ -167,7 +167,8 @@ CASES = [
     ('plan {recipe} --gpu-gib 0', 'argument --gpu-gib: must be > 0, got 0'),
     ('demo --steps 0', 'argument --steps: must be >= 1, got 0'),
     ('demo --algorithms grpo,ppo', "--algorithms takes flowrl and the baselines to compare it with, each once, from "
-                                   "flowrl, grpo, reinforce_pp, gspo; got 'grpo,ppo'"),
+                                   "flowrl, grpo, reinforce_pp, gspo, ppo; got 'grpo,ppo'"),
+    ('demo --algorithms flowrl,dapo', "from flowrl, grpo, reinforce_pp, gspo, ppo; got 'flowrl,dapo'"),
     # the converters
     ('hf_to_megatron --input {root}/model_truncated --output {root}/ckpt',
      'model.safetensors is not a readable safetensors file'),

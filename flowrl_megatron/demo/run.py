@@ -26,7 +26,7 @@ from flowrl_megatron.plots import compare_runs, plot_run
 from flowrl_megatron.processes import run_to_the_end
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_cpu.yaml"
-ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO", "reinforce_pp": "REINFORCE++", "gspo": "GSPO"}
+ALGORITHMS = {"flowrl": "FlowRL", "grpo": "GRPO", "reinforce_pp": "REINFORCE++", "gspo": "GSPO", "ppo": "PPO"}
 COMPARED = ["eval/pass@1", "eval/distinct_correct", "eval/kl_ref", "reward/accuracy"]  # flowrl compare's figures
 MARKER = "demo.json"  # what makes a directory this command's own, safe to replace
 

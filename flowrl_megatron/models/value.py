@@ -16,6 +16,7 @@ from torch import nn
 from flowrl_megatron.models.z_head import seeded_init
 
 VALUE_HEAD_SEED = 1234  # the head's initial weights, the same for every layout
+VALUE_HEAD_PREFIX = "output_layer."  # the head's keys; a language model's tensors there are not loaded
 
 
 class ValueHead(nn.Linear):

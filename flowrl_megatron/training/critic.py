@@ -18,6 +18,7 @@ from flowrl_megatron.checkpoint import load_model_weights
 from flowrl_megatron.config import AlgorithmConfig, CriticConfig, TrainConfig
 from flowrl_megatron.models.arch import ModelArch
 from flowrl_megatron.models.gpt import build_gpt_model
+from flowrl_megatron.models.value import VALUE_HEAD_PREFIX
 from flowrl_megatron.training.batch import Batch
 from flowrl_megatron.training.micro_batches import MicroBatch, MicroBatching, micro_batches
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -39,7 +40,13 @@ class Critic:
         AdamW at ``cfg.lr`` and the policy's warm-up, weight decay and gradient clip."""
         model = build_gpt_model(arch, dtype, calculate_per_token_loss=True, recompute=train.recompute == "full",
                                 attention=attention, value_head=True)
-        load_model_weights(model, init_checkpoint, new_prefixes=("output_layer.",))
+        load_model_weights(model, init_checkpoint, new_prefixes=(VALUE_HEAD_PREFIX,))
+        return cls.around(model, cfg, train, dtype, total_updates)
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, cfg: CriticConfig, train: TrainConfig, dtype: torch.dtype,
+               total_updates: int) -> Critic:
+        """The optimizer and schedule ``build`` gives, around a value model whose weights are already set."""
         ddp = wrap_ddp(model)
         optimizer = build_optimizer([ddp], lr=cfg.lr, weight_decay=train.weight_decay, clip_grad=train.grad_clip,
                                     bf16=dtype == torch.bfloat16)

@@ -146,6 +146,7 @@ def _ppo_gradients(ckpt: str, arch, model, ddp, local, rewards, batching, recomp
 
     from flowrl_megatron.config import AlgorithmConfig, CriticConfig, TrainConfig
     from flowrl_megatron.conversion.gather import gather_hf_state
+    from flowrl_megatron.models.value import VALUE_HEAD_PREFIX
     from flowrl_megatron.training.critic import Critic
     from flowrl_megatron.training.step import forward_backward
 
@@ -163,7 +164,7 @@ def _ppo_gradients(ckpt: str, arch, model, ddp, local, rewards, batching, recomp
     # its value head as it is.
     trunk = dataclasses.replace(arch, tie_embeddings=True)
     critic_grads = gather_hf_state(critic.model, trunk, tensor_of=lambda p: p.main_grad,
-                                   extra_prefixes=("output_layer.",))
+                                   extra_prefixes=(VALUE_HEAD_PREFIX,))
     return {"stats": stats, "grads": grads, "critic_grads": critic_grads}
 
 

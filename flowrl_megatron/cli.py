@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-staleness", default="0", help="comma-separated rollout.max_staleness values to run every "
                    "algorithm with (0: synchronous; e.g. 0,1,2)")
     p.add_argument("--algorithms", default="flowrl,grpo", help="comma-separated algorithm.name values: flowrl and "
-                   "the baselines it is compared with (e.g. flowrl,grpo,gspo,reinforce_pp)")
+                   "the baselines it is compared with (e.g. flowrl,grpo,gspo,reinforce_pp,ppo)")
     p.set_defaults(func=demo)
     argv = sys.argv[1:] if argv is None else argv
     commands = sub.choices

@@ -131,10 +131,12 @@ def _root_cause(error: BaseException) -> str:
     return str(error).splitlines()[0]
 
 
-def _writer_results_queue_that_dies_with_us() -> None:
+def start_checkpoint_writer() -> None:
     """megatron-core's checkpoint writer returns its results through a multiprocessing Manager that it starts on the
     first save and keeps for the life of the process (``filesystem_async._results_queue``); a trainer killed with
-    SIGKILL would leave that server process running forever. Start it here instead, with the parent-death signal."""
+    SIGKILL would leave that server process running forever. Start it here instead, with the parent-death signal.
+    Its spawned server imports the trainer's modules (seconds): a trainer calls this while its engines boot, and a
+    save calls it in case nobody did."""
     global _writer_manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -177,7 +179,7 @@ def save_training_state(root: str | Path, step: int, model: torch.nn.Module, opt
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.partial"
     rank = dist.get_rank()
-    _writer_results_queue_that_dies_with_us()
+    start_checkpoint_writer()
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save

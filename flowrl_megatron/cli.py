@@ -224,7 +224,7 @@ def make_tiny(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flowrl_megatron.demo.run import parse_algorithms, run_demo
+    from flowrl_megatron.demo.run import CHECKED, check, parse_algorithms, run_demo
 
     try:
         stale = tuple(int(k) for k in args.max_staleness.split(","))
@@ -233,9 +233,12 @@ def demo(args: argparse.Namespace) -> int:
             from None
     if any(k < 0 for k in stale):
         raise UserError(f"--max-staleness values must be >= 0, got {args.max_staleness!r}.")
-    run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale,
-             algorithms=parse_algorithms(args.algorithms))
-    return 0
+    results = run_demo(Path(args.out), steps=args.steps, seed=args.seed, max_staleness=stale,
+                       algorithms=parse_algorithms(args.algorithms, CHECKED if args.check else ("flowrl",)))
+    failures = check(results, args.steps, stale) if args.check else []
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                    "algorithm with (0: synchronous; e.g. 0,1,2)")
     p.add_argument("--algorithms", default="flowrl,grpo", help="comma-separated algorithm.name values: flowrl and "
                    "the baselines it is compared with (e.g. flowrl,grpo,gspo,reinforce_pp,ppo)")
+    p.add_argument("--check", action="store_true", help="exit 1 unless FlowRL keeps 1.5x GRPO's distinct correct "
+                   "answers at nearly its accuracy, in every mode run (docs/demo.md; needs grpo among --algorithms)")
     p.set_defaults(func=demo)
     argv = sys.argv[1:] if argv is None else argv
     commands = sub.choices

@@ -35,6 +35,7 @@ from flowrl_megatron.checkpoint import (
     load_model_weights,
     load_training_state,
     save_training_state,
+    start_checkpoint_writer,
 )
 from flowrl_megatron.cli import describe, format_eval
 from flowrl_megatron.config import RunConfig, load_config
@@ -45,6 +46,7 @@ from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, f
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
 from flowrl_megatron.processes import die_with_parent, hold_run_dir_unless_launcher_does
+from flowrl_megatron.rollout.engines import EngineGroup, RemoteEngines, launch_engines
 from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
@@ -63,6 +65,20 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         init_model_parallel(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
         self.rank0 = dist.get_rank() == 0
+        # The engines boot (loading the model, and on GPU capturing graphs) while the ranks build their models.
+        engines = launch_engines(cfg, self.run_dir) if self.rank0 else None
+        try:
+            start_checkpoint_writer()
+            self._set_up(engines)
+        except BaseException:
+            if engines is not None:
+                engines.stop()
+            raise
+
+    def _set_up(self, engines: EngineGroup | RemoteEngines | None) -> None:
+        """Models, optimizers and schedules (resumed from the last checkpoint if there is one), then, on rank 0,
+        the driver around ``engines``; the weights sent to them; the logs."""
+        cfg = self.cfg
         self.arch = load_arch(cfg.model.path)
         init_ckpt = self._initial_checkpoint()
         t = cfg.train
@@ -106,7 +122,7 @@ class Trainer:
             if self.rank0:
                 print(f"resuming from {resumed} (step {self.step}, weight version {version})", flush=True)
         self.timeline = Timeline()
-        self.driver = Driver.start(cfg, self.run_dir, self.timeline) if self.rank0 else None
+        self.driver = Driver.start(cfg, engines, self.timeline) if engines is not None else None
         if self.driver is not None:
             self.driver.stream.restore(rollout["stream"])
             self.driver.pending.extend(rollout["pending"])

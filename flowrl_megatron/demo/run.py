@@ -139,6 +139,48 @@ def verdict(results: dict[str, dict], max_staleness: int, baseline: str) -> str:
             f"{g['kl_ref']:.3f}.")
 
 
+CHECKED = ("flowrl", "grpo")  # the algorithms --check compares
+
+
+def check(results: dict[str, dict], steps: int, max_staleness: tuple[int, ...]) -> list[str]:
+    """What the demo shows, in each mode: a diverse, imperfect reference; FlowRL and GRPO both learning the task;
+    FlowRL keeping at least 1.5x GRPO's distinct correct answers at a pass@1 no more than 0.05 below GRPO's (GRPO
+    may end below: it can collapse onto a wrong answer) and a smaller KL to the reference; engines refreshed after
+    every step, staleness exactly k, the framework's own overhead at most 10% of a step. One sentence per failure."""
+    failures = []
+    reference = results[run_name("flowrl", max_staleness[0])]["start"]
+    if any(run["start"] != reference for run in results.values()):
+        failures.append("the runs did not start from the same evaluation of the reference")
+    if reference["pass@1"] >= 0.85 or reference["distinct_correct"] < 3.0 or abs(reference["kl_ref"]) > 1e-6:
+        failures.append(f"the reference is not diverse and imperfect: pass@1 {reference['pass@1']:.3f}, "
+                        f"{reference['distinct_correct']:.2f} distinct correct answers, KL {reference['kl_ref']:.2g}")
+    for k in max_staleness:
+        mode = "synchronous" if not k else f"max_staleness {k}"
+        flowrl, grpo = results[run_name("flowrl", k)], results[run_name("grpo", k)]
+        f, g = flowrl["end"], grpo["end"]
+        if min(f["pass@1"], g["pass@1"]) <= reference["pass@1"] + 0.15:
+            failures.append(f"{mode}: pass@1 {f['pass@1']:.3f} (FlowRL) and {g['pass@1']:.3f} (GRPO) are not both "
+                            f"0.15 above the reference's {reference['pass@1']:.3f}")
+        if f["pass@1"] < g["pass@1"] - 0.05:
+            failures.append(f"{mode}: FlowRL's pass@1 {f['pass@1']:.3f} is more than 0.05 below GRPO's "
+                            f"{g['pass@1']:.3f}")
+        if f["distinct_correct"] < 1.5 * g["distinct_correct"]:
+            failures.append(f"{mode}: FlowRL's {f['distinct_correct']:.2f} distinct correct answers are not 1.5x "
+                            f"GRPO's {g['distinct_correct']:.2f}")
+        if f["kl_ref"] >= g["kl_ref"]:
+            failures.append(f"{mode}: FlowRL's KL to the reference {f['kl_ref']:.3f} is not below GRPO's "
+                            f"{g['kl_ref']:.3f}")
+        for name, run in ((run_name("flowrl", k), flowrl), (run_name("grpo", k), grpo)):
+            if not run["steps"] == run["weight_versions"] == steps:
+                failures.append(f"{name}: {run['steps']} steps and {run['weight_versions']} weight versions, not "
+                                f"{steps} of each")
+            if run["staleness_max"] != k:
+                failures.append(f"{name}: staleness reached {run['staleness_max']:.0f}, not {k}")
+            if run["other_fraction"] > 0.10:
+                failures.append(f"{name}: the framework's own overhead is {run['other_fraction']:.1%} of a step")
+    return failures
+
+
 def run_demo(out: Path, *, steps: int = 300, seed: int = 0, max_staleness: tuple[int, ...] = (0,), prompts: int = 32,
              answers: int = 6, wrong_mass: float = 0.3,
              algorithms: tuple[str, ...] = ("flowrl", "grpo")) -> dict[str, dict]:

@@ -16,15 +16,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import secrets
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from flowrl_megatron.config import RunConfig
 from flowrl_megatron.data.prompts import Prompt
@@ -32,6 +30,9 @@ from flowrl_megatron.errors import UserError
 from flowrl_megatron.metrics import PhaseTimer, Timeline
 from flowrl_megatron.rollout.client import EnginesLost, RolloutClient, Sample, SamplingConfig
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
+
+if TYPE_CHECKING:
+    from flowrl_megatron.rollout.engines import EngineGroup, RemoteEngines
 
 UpdateMode = Literal["keep", "drain"]
 
@@ -70,13 +71,12 @@ class Driver:
         return weight_salt(version, self.run_salt)
 
     @classmethod
-    def start(cls, cfg: RunConfig, run_dir: Path, timeline: Timeline) -> Driver:
+    def start(cls, cfg: RunConfig, engines: EngineGroup | RemoteEngines, timeline: Timeline) -> Driver:
+        """Around ``engines`` (launched by ``engines.launch_engines``), once they answer."""
         from transformers import AutoTokenizer
 
         from flowrl_megatron.data.prompts import PromptStream, load_prompts
         from flowrl_megatron.rewards.pool import RewardPool
-        from flowrl_megatron.rollout.auth import TRAINER_KEY_ENV
-        from flowrl_megatron.rollout.engines import EngineGroup, RemoteEngines, engine_config
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         loaded = load_prompts(cfg.data, tokenizer)
@@ -87,10 +87,7 @@ class Driver:
         stream = PromptStream(len(loaded.prompts), cfg.train.seed, cfg.data.shuffle)
         pool = RewardPool(cfg.reward.name, cfg.reward.workers, cfg.reward.timeout_s)
         ro = cfg.rollout
-        if ro.engine_urls:
-            engines = RemoteEngines(ro.engine_urls, os.environ.get(TRAINER_KEY_ENV, "")).start()
-        else:
-            engines = EngineGroup(engine_config(cfg), ro.engines, run_dir / "engine_logs").start()
+        engines.wait_healthy()
         client = RolloutClient(engines.urls, engines.api_key, max_concurrency=ro.max_concurrency,
                                hang_s=ro.engine_hang_s)
         return cls(cfg, tokenizer, loaded.prompts, stream, pool, engines, client, loaded.too_long, eval_prompts,

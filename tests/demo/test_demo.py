@@ -23,7 +23,7 @@ STEPS = 300
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # two trainings: about 6 minutes here, over the suite's per-test cap on a slow machine
+@pytest.mark.timeout(1200)  # two trainings: about 7 minutes here, over the suite's per-test cap on a slow machine
 def test_demo_flowrl_keeps_more_distinct_correct_answers_than_grpo(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run([sys.executable, "-m", "flowrl_megatron", "demo", "--out", str(out), "--steps", str(STEPS),

@@ -129,10 +129,13 @@ def table(results: dict[str, dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def mode_name(max_staleness: int) -> str:
+    return "synchronous" if not max_staleness else f"max_staleness {max_staleness}"
+
+
 def verdict(results: dict[str, dict], max_staleness: int, baseline: str) -> str:
     f, g = results[run_name("flowrl", max_staleness)]["end"], results[run_name(baseline, max_staleness)]["end"]
-    mode = "synchronous" if not max_staleness else f"max_staleness {max_staleness}"
-    other = ALGORITHMS[baseline]
+    mode, other = mode_name(max_staleness), ALGORITHMS[baseline]
     return (f"{mode}: FlowRL ends with {f['distinct_correct']:.2f} distinct correct answers per prompt, {other} with "
             f"{g['distinct_correct']:.2f} ({f['distinct_correct'] / max(g['distinct_correct'], 1e-9):.2f}x), at "
             f"pass@1 {f['pass@1']:.3f} and {g['pass@1']:.3f}; KL to the reference {f['kl_ref']:.3f} and "
@@ -155,9 +158,8 @@ def check(results: dict[str, dict], steps: int, max_staleness: tuple[int, ...]) 
         failures.append(f"the reference is not diverse and imperfect: pass@1 {reference['pass@1']:.3f}, "
                         f"{reference['distinct_correct']:.2f} distinct correct answers, KL {reference['kl_ref']:.2g}")
     for k in max_staleness:
-        mode = "synchronous" if not k else f"max_staleness {k}"
-        flowrl, grpo = results[run_name("flowrl", k)], results[run_name("grpo", k)]
-        f, g = flowrl["end"], grpo["end"]
+        mode, names = mode_name(k), [run_name(algorithm, k) for algorithm in CHECKED]
+        f, g = (results[name]["end"] for name in names)
         if min(f["pass@1"], g["pass@1"]) <= reference["pass@1"] + 0.15:
             failures.append(f"{mode}: pass@1 {f['pass@1']:.3f} (FlowRL) and {g['pass@1']:.3f} (GRPO) are not both "
                             f"0.15 above the reference's {reference['pass@1']:.3f}")
@@ -170,7 +172,8 @@ def check(results: dict[str, dict], steps: int, max_staleness: tuple[int, ...]) 
         if f["kl_ref"] >= g["kl_ref"]:
             failures.append(f"{mode}: FlowRL's KL to the reference {f['kl_ref']:.3f} is not below GRPO's "
                             f"{g['kl_ref']:.3f}")
-        for name, run in ((run_name("flowrl", k), flowrl), (run_name("grpo", k), grpo)):
+        for name in names:
+            run = results[name]
             if not run["steps"] == run["weight_versions"] == steps:
                 failures.append(f"{name}: {run['steps']} steps and {run['weight_versions']} weight versions, not "
                                 f"{steps} of each")

@@ -41,11 +41,8 @@ system-packages:
 	  test "$$(id -u)" = 0 || { echo "make test needs $(SYSTEM_PACKAGES): install them as root" >&2; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
 
-# The suite in TEST_WORKERS processes (pytest-xdist), one test file at a time each (a file's module fixtures, such as
-# its engines, start once), the files in tests/conftest.py's order: the longest first, so both finish together.
-TEST_WORKERS ?= 2
 test: venv lint system-packages
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest
 
 demo: venv
 	$(BIN)/flowrl demo

@@ -4,32 +4,6 @@ import pytest
 
 from flowrl_megatron.models.tiny import make_tiny_model
 
-# The files that take longest (seconds, one process on a 2-core machine: 495, 488, 176, 176, 171, 139, 124, 99, 95,
-# 91, 87, 76), run first: `make test` hands whole files to its workers in this order (pytest-xdist, --dist loadfile),
-# so no worker starts a long file when the others are nearly done.
-LONGEST_FIRST = (
-    "tests/test_trainer.py",
-    "tests/demo/test_demo.py",
-    "tests/algorithms/test_toy_distribution_matching.py",
-    "tests/rollout/test_weight_sync.py",
-    "tests/slurm/test_sbatch.py",
-    "tests/models/test_gpt_parity.py",
-    "tests/rollout/test_engines_and_client.py",
-    "tests/evaluation/test_run.py",
-    "tests/rollout/test_model_families.py",
-    "tests/runtime/test_distributed.py",
-    "tests/conversion/test_vllm_loads_export.py",
-    "tests/training/test_gradient_invariance.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    missing = [path for path in LONGEST_FIRST if not (config.rootpath / path).is_file()]
-    if missing:
-        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names {missing}, which do not exist; update it.")
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-
 
 @pytest.fixture(scope="session")
 def tiny_untied(tmp_path_factory) -> Path:

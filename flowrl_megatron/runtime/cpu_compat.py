@@ -8,10 +8,12 @@ available: on a GPU the real CUDA paths run untouched.
 What is redirected, and why each is needed (each was needed to run GPTModel, the
 pipeline schedule, DDP, the (distributed) optimizer and dist_checkpointing on gloo):
 
-1. A ``TorchFunctionMode`` rewrites any ``device=`` argument naming CUDA to CPU, makes
-   ``Tensor.cuda()`` the identity, rewrites ``Tensor.to(<cuda device>)``, drops
-   ``pin_memory=True`` and makes ``Tensor.type()`` report ``torch.cuda.*Tensor`` names,
-   because the Megatron optimizer asserts on those names.
+1. torch's tensor factories (``torch.zeros(..., device="cuda")`` and the rest of ``FACTORIES``,
+   ``Tensor.new_*``) and ``Tensor.to`` create on the CPU what is asked for on a CUDA device;
+   ``Tensor.cuda()`` and ``Tensor.pin_memory()`` are the identity, ``pin_memory=True`` is dropped, and
+   ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, because the Megatron optimizer asserts on those
+   names. Only these calls are wrapped: a ``TorchFunctionMode`` would do the same for every torch call, through a
+   Python dispatch on every operation (about 1,770 of them per step of the enumerable toy).
 2. ``torch.cuda.current_device``/``manual_seed``/``get_rng_state``/``set_rng_state``/
    ``synchronize`` act on the CPU generator and device.
 3. Megatron's CUDA RNG tracker helpers act on the CPU generator, so
@@ -20,10 +22,11 @@ pipeline schedule, DDP, the (distributed) optimizer and dist_checkpointing on gl
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _installed = False
@@ -38,25 +41,50 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device requests to CPU for every torch call made inside it."""
+FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "range", "rand", "randn", "randint",
+             "randperm", "linspace", "logspace", "eye", "empty_like", "zeros_like", "ones_like", "full_like",
+             "rand_like", "randn_like", "randint_like", "empty_strided", "scalar_tensor")
+TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+
+def _on_cpu(factory: Callable) -> Callable:
+    @functools.wraps(factory)
+    def create(*args: Any, **kwargs: Any) -> Any:
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to:
-            args = tuple(_CPU if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
-        if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs:
-            name = func(*args, **kwargs)
-            return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
-        if func is torch.Tensor.pin_memory:
-            return args[0]
-        return func(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    return create
+
+
+def _patch_tensor_creation() -> None:
+    for name in FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    for name in TENSOR_FACTORIES:
+        setattr(torch.Tensor, name, _on_cpu(getattr(torch.Tensor, name)))
+    to, type_ = torch.Tensor.to, torch.Tensor.type
+
+    @functools.wraps(to)
+    def to_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU, *args[1:])
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return to(self, *args, **kwargs)
+
+    @functools.wraps(type_)
+    def cuda_type_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = type_(self, *args, **kwargs)
+        if args or kwargs or out.count(".") != 1:  # a conversion, or already a non-default type name
+            return out
+        return out.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.to = to_cpu  # type: ignore[method-assign]
+    torch.Tensor.type = cuda_type_name  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
 
 
 def _patch_torch_cuda() -> None:
@@ -86,7 +114,7 @@ def install() -> bool:
     if not _installed:
         _patch_torch_cuda()
         _patch_megatron_rng()
-        _CudaToCpuMode().__enter__()
+        _patch_tensor_creation()
         _installed = True
     return True
 

@@ -13,8 +13,9 @@ from tests.distributed import run_distributed
 def test_cuda_requests_run_on_cpu():
     (r,) = run_distributed("tests.runtime.workers:cpu_layer_behaviour", 1)
     assert r["active"] is True
-    assert r["devices"] == ["cpu"] * 5
+    assert r["devices"] == ["cpu"] * 8
     assert r["type_name"] == "torch.cuda.FloatTensor"  # the Megatron optimizer asserts on this
+    assert r["converted"] == [True, True]  # .type(dtype) and .to(dtype=) still convert
     assert r["current_device"] == "cpu"
     assert r["tracker_streams_differ"] and r["cuda_seed_reproducible"]
 

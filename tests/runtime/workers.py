@@ -65,6 +65,9 @@ def cpu_layer_behaviour() -> dict:
     z = torch.ones(2).cuda()
     w = torch.ones(2).to("cuda:0")
     p = torch.ones(2, pin_memory=True)
+    q = torch.tensor([1.0], device=torch.cuda.current_device())
+    n = x.new_zeros(2, device="cuda")
+    k = torch.ones(2).to(device="cuda", dtype=torch.float64)
     tracker = tensor_parallel.get_cuda_rng_tracker()
     with tracker.fork():
         a = torch.rand(4)
@@ -76,8 +79,9 @@ def cpu_layer_behaviour() -> dict:
     d = torch.rand(2)
     return {
         "active": is_active(),
-        "devices": [str(t.device) for t in (x, y, z, w, p)],
+        "devices": [str(t.device) for t in (x, y, z, w, p, q, n, k)],
         "type_name": x.type(),
+        "converted": [x.type(torch.float64).dtype == torch.float64, k.dtype == torch.float64],
         "current_device": str(torch.cuda.current_device()),
         "tracker_streams_differ": not torch.equal(a, b),
         "cuda_seed_reproducible": torch.equal(c, d),

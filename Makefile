@@ -41,8 +41,12 @@ system-packages:
 	  test "$$(id -u)" = 0 || { echo "make test needs $(SYSTEM_PACKAGES): install them as root" >&2; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); }
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each on its own share of the CPUs (tests/conftest.py), one test
+# file at a time each (a file's module fixtures, such as its engines, start once), the files with the most work
+# first, so the workers finish together. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: venv lint system-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: venv
 	$(BIN)/flowrl demo

@@ -1,8 +1,56 @@
+import os
 from pathlib import Path
 
 import pytest
 
 from flowrl_megatron.models.tiny import make_tiny_model
+
+# The files with the most CPU work (core-seconds on a 2-core machine: 671, 649, 346, 286, 241, 218, 176, 124, 122,
+# 121, 119, 103), run first: `make test` hands whole files to its workers in this order (pytest-xdist, --dist
+# loadfile), so no worker starts a long file when the others are nearly done.
+LONGEST_FIRST = (
+    "tests/test_trainer.py",
+    "tests/demo/test_demo.py",
+    "tests/algorithms/test_toy_distribution_matching.py",
+    "tests/rollout/test_weight_sync.py",
+    "tests/models/test_gpt_parity.py",
+    "tests/slurm/test_sbatch.py",
+    "tests/rollout/test_engines_and_client.py",
+    "tests/training/test_gradient_invariance.py",
+    "tests/runtime/test_distributed.py",
+    "tests/evaluation/test_run.py",
+    "tests/rollout/test_model_families.py",
+    "tests/models/test_policy.py",
+)
+
+
+def worker_cpus(index: int, workers: int, cpus: list[int]) -> set[int]:
+    """Worker ``index`` of ``workers``'s share of ``cpus``: an equal slice each, or every CPU when there are fewer
+    CPUs than workers."""
+    if not 0 <= index < workers:
+        raise ValueError(f"worker {index} of {workers}: a worker's index is from 0 to {workers - 1}")
+    if workers > len(cpus):
+        return set(cpus)
+    per = len(cpus) // workers
+    return set(cpus[index * per : (index + 1) * per])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker and every process it starts (ranks, engines) run on the worker's own CPUs, as on a
+    machine of their own: sharing every core, one worker's engines and ranks stall the other's (each parallel region
+    of a 2-thread engine waits for the thread the other worker's process has preempted)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        index, workers = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        os.sched_setaffinity(0, worker_cpus(index, workers, sorted(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = [path for path in LONGEST_FIRST if not (config.rootpath / path).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST names {missing}, which do not exist; update it.")
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

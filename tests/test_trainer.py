@@ -90,9 +90,9 @@ def wait_for_line(proc: subprocess.Popen, log: Path, text: str, offset: int) -> 
         time.sleep(0.005)
 
 
-def kill_engine(t0: float) -> None:
+def kill_engine(t0: float, recipe: Path) -> None:
     """SIGKILL the live engine (its whole process session), started after ``t0``."""
-    (engine,) = [p for p in engines_started_after(t0) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    (engine,) = [p for p in engines_started_after(t0, recipe) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     os.killpg(engine.pid, signal.SIGKILL)
 
 
@@ -111,11 +111,15 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return reader.read([(k, (0,) * len(m.size), tuple(m.size)) for k, m in reader.tensors.items()])
 
 
-def engines_started_after(t0: float) -> list[psutil.Process]:
+def engines_started_after(t0: float, recipe: Path) -> list[psutil.Process]:
+    """The engines serving ``recipe``'s model started after ``t0``: this test's (another test running at the same
+    time, in another pytest-xdist worker, serves a model of its own worker's directory)."""
+    model = ["--model", load_config(recipe, check=False).model.path]
     out = []
     for p in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "vllm.entrypoints.openai.api_server" in cmd and p.info["create_time"] >= t0:
+        cmd = p.info["cmdline"] or []
+        served = any(cmd[i:i + 2] == model for i in range(len(cmd)))
+        if "vllm.entrypoints.openai.api_server" in cmd and served and p.info["create_time"] >= t0:
             out.append(p)
     return out
 
@@ -161,10 +165,10 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     seen = engine_log.stat().st_size  # the log is appended to by every engine 0 of the run
     proc = start(recipe, broken, *tracked, "rollout.bucket_mib=1")
     seen = wait_for_line(proc, engine_log, "POST /finish_weight_update", seen)
-    kill_engine(t0)
+    kill_engine(t0, recipe)
     seen = wait_for_line(proc, engine_log, "POST /finish_weight_update", seen)  # the restarted one's weights
     wait_for_line(proc, engine_log, "POST /start_weight_update", seen)  # step 3's own sync begins
-    kill_engine(t0)
+    kill_engine(t0, recipe)
     assert proc.wait(timeout=900) == 0
     log = broken.with_suffix(".log").read_text().rsplit("stopped by SIGTERM", 1)[1]
     assert "resuming from" in log
@@ -182,7 +186,7 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     a, b = final_state(whole), final_state(broken)
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any("z_head" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    _, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
+    _, alive = psutil.wait_procs(engines_started_after(t0, recipe), timeout=60)
     assert not alive
     assert "step-time breakdown" in log
     assert list((broken / "tensorboard").glob("events.out.tfevents.*"))
@@ -210,7 +214,7 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     t0 = time.time() - 1
     proc = start(recipe, run_dir, *settings)
     wait_for_steps(proc, run_dir, 3)
-    engines = engines_started_after(t0)
+    engines = engines_started_after(t0, recipe)
     keys = {engine.environ()[KEY_ENV].encode() for engine in engines}
     converted = (run_dir / "init_megatron" / "common.pt").stat().st_mtime
     # launched first: they boot while the models are built
@@ -313,7 +317,7 @@ def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
     assert proc.returncode != 0
     assert "StaleWeightsError: step 0: rollout log-probs differ from the trainer's" in proc.stdout + proc.stderr
     assert not metrics(run_dir) and not (run_dir / "checkpoints" / "latest").exists()
-    _, alive = psutil.wait_procs(engines_started_after(t0), timeout=60)
+    _, alive = psutil.wait_procs(engines_started_after(t0, recipe), timeout=60)
     assert not alive
 
 

@@ -38,10 +38,10 @@ def worker_cpus(index: int, workers: int, cpus: list[int]) -> set[int]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """A pytest-xdist worker and every process it starts (ranks, engines) run on the worker's own CPUs, as on a
-    machine of their own: sharing every core, one worker's engines and ranks stall the other's (each parallel region
-    of a 2-thread engine waits for the thread the other worker's process has preempted). torch, imported before
-    this, sized its thread pool for every CPU, and threads started before the pinning keep every CPU: the pool stalls
-    the same way (a 150-step warm-up in the worker took 12 minutes, against 25 s on one core)."""
+    machine of their own: with two unpinned workers sharing both cores, the demo test ran past its 1200 s limit (488 s
+    alone). torch, imported before this, sized its thread pool for every CPU, and threads started before the pinning
+    keep every CPU: without the thread count set here, a 150-step warm-up in the worker took 12 minutes, against
+    about 25 s on one core."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         index, workers = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])

@@ -134,9 +134,8 @@ def _root_cause(error: BaseException) -> str:
 def start_checkpoint_writer() -> None:
     """megatron-core's checkpoint writer returns its results through a multiprocessing Manager that it starts on the
     first save and keeps for the life of the process (``filesystem_async._results_queue``); a trainer killed with
-    SIGKILL would leave that server process running forever. Start it here instead, with the parent-death signal.
-    Its spawned server imports the trainer's modules (seconds): a trainer calls this while its engines boot, and a
-    save calls it in case nobody did."""
+    SIGKILL would leave that server process running forever. Start it here instead, with the parent-death signal:
+    a trainer calls this while its engines boot, and a save calls it in case nobody did."""
     global _writer_manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

@@ -223,6 +223,10 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     commands = [" ".join(p.cmdline()) for p in run]
     assert any("spawn_main" in c for c in commands), commands  # the reward worker (vLLM renames its own)
     assert any("vllm.entrypoints" in c for c in commands) and len(run) >= 5, commands
+    # The reward worker, the rank's last spawned child (after the checkpoint writer's manager, which loads torch to
+    # take the first save's results), scores strings without importing the trainer (torch, megatron) again.
+    reward_worker = max((p for p in run if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.create_time())
+    assert not [m.path for m in reward_worker.memory_maps() if "libtorch" in m.path]
     time.sleep(0.4)
     kill_run(proc)
     _, alive = psutil.wait_procs(run, timeout=60)

@@ -583,7 +583,7 @@ def first_sentence(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point under torchrun: ``python -m flowrl_megatron.trainer RUN_DIR/config.yaml``."""
+    """A rank's work under torchrun: ``python -m flowrl_megatron.trainer RUN_DIR/config.yaml`` (``__main__.py``)."""
     args = sys.argv[1:] if argv is None else argv
 
     def train() -> None:
@@ -598,7 +598,3 @@ def main(argv: list[str] | None = None) -> None:
             shutdown()
 
     run_cli(train)  # a bad input found by a rank (one launched without `flowrl train`): one sentence, exit 2
-
-
-if __name__ == "__main__":
-    main()

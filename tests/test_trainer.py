@@ -225,7 +225,8 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     assert any("vllm.entrypoints" in c for c in commands) and len(run) >= 5, commands
     # The reward worker, the rank's last spawned child (after the checkpoint writer's manager, which loads torch to
     # take the first save's results), scores strings without importing the trainer (torch, megatron) again.
-    reward_worker = max((p for p in run if "spawn_main" in " ".join(p.cmdline())), key=lambda p: p.create_time())
+    spawned = [p for p, c in zip(run, commands, strict=True) if "spawn_main" in c]
+    reward_worker = max(spawned, key=lambda p: p.create_time())
     assert not [m.path for m in reward_worker.memory_maps() if "libtorch" in m.path]
     time.sleep(0.4)
     kill_run(proc)

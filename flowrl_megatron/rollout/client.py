@@ -89,7 +89,7 @@ class RolloutClient:
         self.backoff_s = backoff_s
         self.hang_s = hang_s
         # httpx's default verification, built once: each new client would otherwise load the CA bundle again
-        # (about 30 ms, a tenth of a tiny model's training step here), also for plain-HTTP engines.
+        # (about 30 ms, a tenth of the trainer's time in a tiny run here), also for plain-HTTP engines.
         self.tls = httpx.create_ssl_context()
         self.in_flight = [0] * len(self.urls)
         self.requests_sent = [0] * len(self.urls)

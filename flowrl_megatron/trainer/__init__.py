@@ -1,5 +1,1 @@
 """The trainer: ``loop.py`` holds the training loop, ``__main__.py`` a rank's entry point under torchrun."""
-
-from flowrl_megatron.trainer.loop import Trainer, main
-
-__all__ = ["Trainer", "main"]

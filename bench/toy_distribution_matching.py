@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -244,41 +245,45 @@ def summary(pi: torch.Tensor, target: torch.Tensor) -> Row:
     return {"kl": kl(pi, target), "modes": [float(pi[i]) for i in modes], "other": float(1 - sum(pi[i] for i in modes))}
 
 
-def run_one(seed: int, algorithm: str, steps: int, samples: int, lr: float, flowrl_normalization: str | None,
-            z_lr_mult: float) -> dict:
-    """One seed's reference and target, and one algorithm trained from that reference (one process each)."""
+def run_seed(seed: int, algorithms: Sequence[str], steps: int, samples: int, lr: float,
+             flowrl_normalization: str | None, z_lr_mult: float, warm_up_steps: int = 300) -> dict:
+    """One seed's reference and target, and each algorithm trained from that reference in turn. Training draws
+    nothing from the global generators (the sampler, the Z head and the value head have their own), so each row is
+    the one a process of its own would give, with the warm-up done once."""
     toy = Toy(seed)
-    ref_state = toy.warm_up(steps=300, lr=3e-3)
+    ref_state = toy.warm_up(steps=warm_up_steps, lr=3e-3)
     ref_model, ref_ddp = toy.build(z_head=False)
     ref_model.load_state_dict(ref_state, strict=False)
     ref_tok, pi_ref = toy.distribution(ref_ddp)
     target = pi_ref * torch.exp(BETA * toy.rewards)
     target = target / target.sum()
-    norm = flowrl_normalization if algorithm == "flowrl" else None
-    pi = toy.train(algorithm, ref_state, ref_tok, steps, samples, lr, seed, norm, z_lr_mult)
-    return {"target_modes": [float(target[i]) for i in mode_indices()], "reference": summary(pi_ref, target),
-            algorithm: summary(pi, target)}
+    rows = {"reference": summary(pi_ref, target)}
+    for algorithm in algorithms:
+        norm = flowrl_normalization if algorithm == "flowrl" else None
+        rows[algorithm] = summary(toy.train(algorithm, ref_state, ref_tok, steps, samples, lr, seed, norm, z_lr_mult),
+                                  target)
+    return {"target_modes": [float(target[i]) for i in mode_indices()], "rows": rows}
 
 
 def run(seeds: list[int], algorithms: list[str], steps: int, samples: int, lr: float, jobs: int,
         flowrl_normalization: str | None = None, z_lr_mult: float = 1.0) -> dict:
-    """Every (seed, algorithm) in its own single-threaded process, ``jobs`` at a time."""
+    """Each seed in its own single-threaded process (its warm-up done once), ``jobs`` at a time; with more jobs
+    than seeds, a seed's algorithms are shared among several processes, each warming up the same reference."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
 
-    work = [(seed, algorithm) for seed in seeds for algorithm in algorithms]
+    parts = max(1, min(len(algorithms), -(-jobs // len(seeds))))
+    work = [(seed, algorithms[i::parts]) for seed in seeds for i in range(parts)]
     per_seed: dict[int, dict] = {seed: {"rows": {}} for seed in seeds}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, seed, algorithm, steps, samples, lr, flowrl_normalization, z_lr_mult):
-                   (seed, algorithm) for seed, algorithm in work}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="toy runs", file=sys.stderr):
-            seed, algorithm = futures[future]
+        futures = {pool.submit(run_seed, seed, chunk, steps, samples, lr, flowrl_normalization, z_lr_mult): seed
+                   for seed, chunk in work}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="toy seeds", file=sys.stderr):
             done = future.result()
-            per_seed[seed]["target_modes"] = done["target_modes"]  # the same in every job of a seed
-            per_seed[seed]["rows"]["reference"] = done["reference"]
-            per_seed[seed]["rows"][algorithm] = done[algorithm]
+            per_seed[futures[future]]["target_modes"] = done["target_modes"]  # the same in every part of a seed
+            per_seed[futures[future]]["rows"].update(done["rows"])
     for entry in per_seed.values():  # rows in a fixed order: reference first, then as asked
         entry["rows"] = {name: entry["rows"][name] for name in ["reference", *algorithms]}
     return {"seeds": per_seed, "settings": {"steps": steps, "samples": samples, "lr": lr, "seeds": seeds}}
@@ -348,7 +353,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--samples", type=int, default=32, help="responses sampled per step (one group)")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, one single-threaded process each")
+    p.add_argument("--jobs", type=int, default=2, help="processes at once, single-threaded, one or more per "
+                   "seed (its warm-up done in each)")
     p.add_argument("--flowrl-normalization", choices=["group", "batch", "none"], default=None)
     p.add_argument("--z-lr-mult", type=float, default=1.0, help="FlowRL's Z head learning-rate multiplier")
     p.add_argument("--markdown", type=Path, help="also write the table to this file")

@@ -11,6 +11,7 @@ of the table there), so the computed rows are compared for seeds 0 and 1; ``--ch
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -44,3 +45,25 @@ def rows(markdown: str) -> dict[tuple[str, str], list[float]]:
         if line.startswith("|") and cells[2:] and cells[2][:1].isdigit():
             out[cells[0], cells[1]] = [float(c) for c in cells[2:]]
     return out
+
+
+ORDER_INDEPENDENCE = """
+import json, sys
+sys.path.insert(0, "bench")
+from toy_distribution_matching import run_seed
+kw = dict(steps=5, samples=8, lr=5e-4, flowrl_normalization=None, z_lr_mult=1.0, warm_up_steps=5)
+print(json.dumps([run_seed(0, ["grpo", "ppo", "flowrl"], **kw)["rows"], run_seed(0, ["ppo", "flowrl"], **kw)["rows"],
+                  run_seed(0, ["flowrl"], **kw)["rows"]]))
+"""
+
+
+def test_a_seeds_algorithms_train_in_one_process_as_each_would_alone():
+    """One process warms a seed's reference up once and trains its algorithms in turn, each from the generators'
+    state after the warm-up: every row is the same whatever ran before it in that process."""
+    result = subprocess.run([sys.executable, "-c", ORDER_INDEPENDENCE], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    three, two, one = json.loads(result.stdout.splitlines()[-1])
+    assert three["flowrl"] == two["flowrl"] == one["flowrl"] and three["ppo"] == two["ppo"]
+    assert three["reference"] == two["reference"] == one["reference"]
+    assert three["flowrl"] != three["grpo"] and three["grpo"]["kl"] != three["reference"]["kl"]  # they trained

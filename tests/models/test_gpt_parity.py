@@ -71,13 +71,11 @@ def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(tiny_untied, tmp_path):
     saved = tmp_path / "saved_tp2"
     run_distributed("tests.models.workers:save_live_model", 2, ckpt_in=str(converted), ckpt_out=str(saved), tp=2, pp=1)
     (saved / "hf").symlink_to(converted / "hf")
-    logits = {}
-    for name, ckpt in {"converted": converted, "saved": saved}.items():
-        out = tmp_path / f"{name}.pt"
-        run_distributed(
-            "tests.models.workers:megatron_logits", 2, ckpt=str(ckpt), tp=1, pp=2, tokens=TOKENS, out=str(out)
-        )
-        logits[name] = torch.load(out, weights_only=True)
+    ckpts = {"converted": converted, "saved": saved}
+    outs = {name: tmp_path / f"{name}.pt" for name in ckpts}
+    run_distributed("tests.models.workers:megatron_logits", 2, ckpt=[str(c) for c in ckpts.values()], tp=1, pp=2,
+                    tokens=TOKENS, out=[str(o) for o in outs.values()])
+    logits = {name: torch.load(out, weights_only=True) for name, out in outs.items()}
     want = hf_logits(tiny_untied)
     assert (logits["converted"] - want).abs().max().item() <= TOLERANCE
     assert torch.equal(logits["converted"], logits["saved"])
@@ -88,11 +86,10 @@ def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(tiny_untied, tmp_path):
 def test_sdpa_attention_equals_the_default_attention(tiny_untied, tp, pp, tmp_path):
     """The local spec with torch's scaled_dot_product_attention (GQA, causal) gives the default attention's logits."""
     ckpt = hf_to_megatron(tiny_untied, tmp_path / "ckpt", tp=tp, pp=pp)
-    logits = {}
-    for attention in ("default", "sdpa"):
-        out = tmp_path / f"{attention}.pt"
-        run_distributed("tests.models.workers:megatron_logits", tp * pp, ckpt=str(ckpt), tp=tp, pp=pp, tokens=TOKENS,
-                        out=str(out), attention=attention)
-        logits[attention] = torch.load(out, weights_only=True)
+    attentions = ("default", "sdpa")
+    outs = [tmp_path / f"{attention}.pt" for attention in attentions]
+    run_distributed("tests.models.workers:megatron_logits", tp * pp, ckpt=str(ckpt), tp=tp, pp=pp, tokens=TOKENS,
+                    out=[str(o) for o in outs], attention=list(attentions))
+    logits = {a: torch.load(o, weights_only=True) for a, o in zip(attentions, outs, strict=True)}
     assert (logits["sdpa"] - logits["default"]).abs().max().item() <= 1e-5
     assert (logits["sdpa"] - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE

@@ -8,16 +8,19 @@ import torch
 
 
 def megatron_logits(ckpt: str | list[str], tp: int, pp: int, tokens: list[list[int]], out: str | list[str],
-                    dtype: str = "float32", attention: str = "default") -> None:
+                    dtype: str = "float32", attention: str | list[str] = "default") -> None:
     """Load ``ckpt`` at TP x PP, run the pipeline schedule forward, save full-vocab logits from the last stage.
 
-    Lists of checkpoints and outputs are run one after the other in the same processes (one launch per layout)."""
+    Lists of outputs are run one after the other in the same processes (one launch per layout), each with its own
+    checkpoint and attention where those are lists too (of the same length)."""
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
-    ckpts, outs = ([ckpt], [out]) if isinstance(ckpt, str) else (ckpt, out)
-    for c, o in zip(ckpts, outs, strict=True):
-        _save_logits(c, tokens, o, dtype, attention)
+    outs = [out] if isinstance(out, str) else out
+    ckpts = [ckpt] * len(outs) if isinstance(ckpt, str) else ckpt
+    attentions = [attention] * len(outs) if isinstance(attention, str) else attention
+    for c, o, a in zip(ckpts, outs, attentions, strict=True):
+        _save_logits(c, tokens, o, dtype, a)
 
 
 def _save_logits(ckpt: str, tokens: list[list[int]], out: str, dtype: str, attention: str) -> None:

@@ -3,7 +3,8 @@ with SIGTERM and resumed ends bit-identical to an uninterrupted one (and its W&B
 file's scalars, each step once); an asynchronous one (rollout.max_staleness=1)
 killed with SIGKILL at an arbitrary moment trains every prompt of the data order once across the kill, none older
 than one version, and leaves no process behind. They train with SDPA attention and packed micro-batches by token
-budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
+budget (the padded, fixed-size path runs in the demo and Slurm tests). Runs that do not test the lifecycle of engines
+of their own share one engine started as `flowrl serve`, as a multi-node job's trainer reaches its engines."""
 
 from __future__ import annotations
 

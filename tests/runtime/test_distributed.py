@@ -11,19 +11,36 @@ from tests.distributed import DistributedFailure, run_distributed
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize(
-    ("world", "tp", "pp", "expected"),
-    [
-        (1, 1, 1, {(0, 0, 0)}),
-        (2, 2, 1, {(0, 0, 0), (1, 0, 0)}),
-        (2, 1, 2, {(0, 0, 0), (0, 1, 0)}),
-        (2, 1, 1, {(0, 0, 0), (0, 0, 1)}),
-        (4, 2, 2, {(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)}),
-    ],
-    ids=["world1", "tp2", "pp2", "dp2", "tp2xpp2"],
-)
-def test_layouts_on_gloo(world, tp, pp, expected):
-    results = run_distributed("tests.runtime.workers:parallel_ranks", world, tp=tp, pp=pp)
+LAYOUTS = {  # id: (world, tp, pp, every rank's (tp_rank, pp_rank, dp_rank))
+    "world1": (1, 1, 1, {(0, 0, 0)}),
+    "tp2": (2, 2, 1, {(0, 0, 0), (1, 0, 0)}),
+    "pp2": (2, 1, 2, {(0, 0, 0), (0, 1, 0)}),
+    "dp2": (2, 1, 1, {(0, 0, 0), (0, 0, 1)}),
+    "tp2xpp2": (4, 2, 2, {(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)}),
+}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """Each world size launched once, its layouts initialised one after the other: every rank's report by id."""
+    reports: dict[str, list[dict]] = {}
+
+    def get(layout_id: str) -> list[dict]:
+        if layout_id not in reports:
+            world = LAYOUTS[layout_id][0]
+            ids = [i for i, (w, *_) in LAYOUTS.items() if w == world]
+            per_rank = run_distributed("tests.runtime.workers:parallel_ranks", world,
+                                       layouts=[list(LAYOUTS[i][1:3]) for i in ids])
+            reports.update({i: [rank[k] for rank in per_rank] for k, i in enumerate(ids)})
+        return reports[layout_id]
+
+    return get
+
+
+@pytest.mark.parametrize("layout_id", list(LAYOUTS))
+def test_layouts_on_gloo(layout_id, launched):
+    world, tp, pp, expected = LAYOUTS[layout_id]
+    results = launched(layout_id)
     assert {(r["tp_rank"], r["pp_rank"], r["dp_rank"]) for r in results} == expected
     dp = world // (tp * pp)
     for r in results:

@@ -6,8 +6,13 @@ import os
 import time
 
 
-def parallel_ranks(tp: int, pp: int) -> dict:
-    """Initialise the layout, run a gloo all-reduce on each Megatron group, report this rank's coordinates."""
+def parallel_ranks(layouts: list[list[int]]) -> list[dict]:
+    """For each (tp, pp) in turn, in the same processes: initialise the layout (replacing the previous one), run a
+    gloo all-reduce on each Megatron group, report this rank's coordinates."""
+    return [_layout_ranks(tp, pp) for tp, pp in layouts]
+
+
+def _layout_ranks(tp: int, pp: int) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

@@ -6,7 +6,7 @@ import torch
 
 from flowrl_megatron.models.tiny import make_tiny_model
 
-# The files with the most CPU work (core-seconds on a 2-core machine, in this order: about 440, 423, 259, 225, 183,
+# The files with the most CPU work (core-seconds on a 2-core machine, in this order: about 650, 423, 259, 225, 183,
 # 149, 145, 108, 107, 103, 93, 90), run first: `make test` hands whole files to its workers in this order
 # (pytest-xdist, --dist loadfile), so no worker starts a long file when the others are nearly done.
 LONGEST_FIRST = (

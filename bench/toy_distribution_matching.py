@@ -281,9 +281,9 @@ def run(seeds: list[int], algorithms: list[str], steps: int, samples: int, lr: f
         futures = {pool.submit(run_seed, seed, chunk, steps, samples, lr, flowrl_normalization, z_lr_mult): seed
                    for seed, chunk in work}
         for future in tqdm(as_completed(futures), total=len(futures), desc="toy seeds", file=sys.stderr):
-            done = future.result()
-            per_seed[futures[future]]["target_modes"] = done["target_modes"]  # the same in every part of a seed
-            per_seed[futures[future]]["rows"].update(done["rows"])
+            done, entry = future.result(), per_seed[futures[future]]
+            entry["target_modes"] = done["target_modes"]  # the same in every part of a seed
+            entry["rows"].update(done["rows"])
     for entry in per_seed.values():  # rows in a fixed order: reference first, then as asked
         entry["rows"] = {name: entry["rows"][name] for name in ["reference", *algorithms]}
     return {"seeds": per_seed, "settings": {"steps": steps, "samples": samples, "lr": lr, "seeds": seeds}}

@@ -58,8 +58,8 @@ print(json.dumps([run_seed(0, ["grpo", "ppo", "flowrl"], **kw)["rows"], run_seed
 
 
 def test_a_seeds_algorithms_train_in_one_process_as_each_would_alone():
-    """One process warms a seed's reference up once and trains its algorithms in turn, each from the generators'
-    state after the warm-up: every row is the same whatever ran before it in that process."""
+    """One process warms a seed's reference up once and trains its algorithms in turn; training draws nothing from
+    the global generators, so every row is the same whatever ran before it in that process."""
     result = subprocess.run([sys.executable, "-c", ORDER_INDEPENDENCE], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

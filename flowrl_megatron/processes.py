@@ -19,10 +19,33 @@ LOCK_FILE = ".lock"
 HELD_LOCK_ENV = "FLOWRL_RUN_DIR_LOCKED"
 
 
+PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # resolved here: a forked child must not load libraries
+_forker: int | None = None  # in a forked child: the pid of the process that forked it
+
+
 def die_with_parent() -> None:
     """In a child, before exec (``preexec_fn``), or in a process on its own: SIGTERM it when its parent dies, even
     by kill -9 (Linux PR_SET_PDEATHSIG), so nothing it runs is orphaned."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def forked_children_die_with_this_process() -> None:
+    """Every process this one forks from now on (megatron-core's checkpoint writers fork mid-save) is SIGKILLed
+    when its forker dies. A forked child keeps its parent's signal handlers, so it gets SIGKILL, not SIGTERM; and
+    one whose parent was killed mid-save would otherwise wait forever on a queue that nobody fills."""
+    os.register_at_fork(before=_remember_forker, after_in_child=_die_with_forker)
+
+
+def _remember_forker() -> None:
+    global _forker
+    _forker = os.getpid()
+
+
+def _die_with_forker() -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _forker:  # the forker died before the signal was armed
+        os._exit(1)
 
 
 def hold_run_dir(run_dir: Path) -> int:

@@ -45,7 +45,11 @@ from flowrl_megatron.evaluation.sampling import sample_and_grade
 from flowrl_megatron.metrics import MetricsLog, PhaseTimer, StepLog, Timeline, format_breakdown
 from flowrl_megatron.models.arch import load_arch
 from flowrl_megatron.models.gpt import build_gpt_model, takes_packed_sequences
-from flowrl_megatron.processes import die_with_parent, hold_run_dir_unless_launcher_does
+from flowrl_megatron.processes import (
+    die_with_parent,
+    forked_children_die_with_this_process,
+    hold_run_dir_unless_launcher_does,
+)
 from flowrl_megatron.rollout.engines import EngineGroup, RemoteEngines, launch_engines
 from flowrl_megatron.rollout.gloo_transfer import in_background
 from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
@@ -589,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     def train() -> None:
         cfg = load_config(args[0], args[1:])
         die_with_parent()  # a launcher killed by SIGKILL takes its ranks (and so their engines) with it
+        forked_children_die_with_this_process()  # and a rank killed mid-save its checkpoint writers
         if int(os.environ.get("RANK", "0")) == 0:
             hold_run_dir_unless_launcher_does(Path(cfg.run_dir))
         trainer = Trainer(cfg)

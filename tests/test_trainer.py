@@ -7,12 +7,15 @@ budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -22,7 +25,9 @@ import torch
 from flowrl_megatron.config import load_config
 from flowrl_megatron.conversion.dist_ckpt import DistCheckpointReader
 from flowrl_megatron.metrics import read_metrics
-from flowrl_megatron.rollout.auth import KEY_ENV
+from flowrl_megatron.processes import HELD_LOCK_ENV
+from flowrl_megatron.rollout.auth import KEY_ENV, TRAINER_KEY_ENV
+from flowrl_megatron.runtime.distributed import free_port
 from flowrl_megatron.training.batch import Batch, local_rows
 from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
@@ -54,10 +59,41 @@ eval: {{every: 2, files: [{data}], max_prompts: 3, n: 4}}
     return path
 
 
-def start(recipe: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+@dataclass(frozen=True)
+class ServedEngine:
+    """An engine started as `flowrl serve` (as srun starts them), that runs reach through rollout.engine_urls."""
+
+    overrides: tuple[str, ...]
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def served(recipe, tmp_path_factory):
+    """One engine for the runs that do not test the lifecycle of engines of their own: each run sends it its weights
+    at start-up and salts its prefix cache with a key of its own, so runs one after another train on it as they
+    would on their own engine (the comparisons below hold), and four engine boots of this module are saved."""
+    root = tmp_path_factory.mktemp("served")
+    prepared = subprocess.run([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={root / 'run'}",
+                               "rollout.max_response_tokens=16", "--prepare"],  # room for every run below
+                              cwd=REPO, capture_output=True, text=True, check=True)
+    env = {**os.environ, TRAINER_KEY_ENV: secrets.token_hex(16)}
+    port = free_port()
+    with open(root / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flowrl_megatron", "serve", prepared.stdout.split()[-1],
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    yield ServedEngine((f"rollout.engine_urls=[http://127.0.0.1:{port}]",), env)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def start(recipe: Path, run_dir: Path, *overrides: str, engine: ServedEngine | None = None) -> subprocess.Popen:
+    """`flowrl train` in the background, with engines of its own or ``engine``."""
     log = open(run_dir.with_suffix(".log"), "ab")  # the child keeps writing after we return
+    served = engine.overrides if engine is not None else ()
     return subprocess.Popen([sys.executable, "-m", "flowrl_megatron", "train", str(recipe), f"run_dir={run_dir}",
-                             *overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             *overrides, *served], cwd=REPO, env=engine.env if engine is not None else None,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_run(proc: subprocess.Popen) -> None:
@@ -96,6 +132,19 @@ def kill_engine(t0: float, recipe: Path) -> None:
     os.killpg(engine.pid, signal.SIGKILL)
 
 
+def left_behind(run: list[psutil.Process], run_dir: Path) -> list[str]:
+    """The command lines of what is still running a minute after the run in ``run_dir`` was stopped: of ``run`` (its
+    processes when they were listed) and of those that carry its launcher's mark (a process started after the
+    listing, such as a checkpoint writer that megatron-core forks mid-save)."""
+    marked = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get(HELD_LOCK_ENV) == str(run_dir.resolve()):
+                marked.append(p)
+    _, alive = psutil.wait_procs({*run, *marked}, timeout=60)
+    return [" ".join(p.cmdline()[:4]) for p in alive]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
@@ -124,14 +173,14 @@ def engines_started_after(t0: float, recipe: Path) -> list[psutil.Process]:
     return out
 
 
-def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path):
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, served, tmp_path):
     """SIGTERM to `flowrl train` with no USR1 first (a scheduler's plain preemption) after step 3: the launcher passes
     it on, torchrun stops the rank, the engine goes with it, nothing of the run is left running; resumed from step 2's
     checkpoint, with its engine killed mid-generation and mid-sync (restarted, weights sent again), the run ends
     bit-identical to an uninterrupted one. While it lives, a second `flowrl train` on its directory is refused and
     leaves its config.yaml as it was. (SIGKILL of the whole run: the asynchronous test below.)"""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert start(recipe, whole).wait(timeout=600) == 0
+    assert start(recipe, whole, engine=served).wait(timeout=600) == 0
     assert [r["step"] for r in metrics(whole)] == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
     assert [r["step"] for r in metrics(whole) if "eval/kl_ref" in r] == [0, 2, 4]
     trained = metrics(whole)[1:]
@@ -152,8 +201,7 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(recipe, tmp_path)
     assert len(run) >= 5 and any("vllm.entrypoints" in " ".join(p.cmdline()) for p in run)  # torchrun, rank, engine
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    _, alive = psutil.wait_procs(run, timeout=60)
-    assert not alive, f"outlived the run: {[p.cmdline()[:4] for p in alive]}"
+    assert not left_behind(run, broken)
     assert "flowrl train stopped by SIGTERM; every process of the run has ended" in \
         broken.with_suffix(".log").read_text()
 
@@ -230,8 +278,7 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     assert not [m.path for m in reward_worker.memory_maps() if "libtorch" in m.path]
     time.sleep(0.4)
     kill_run(proc)
-    _, alive = psutil.wait_procs(run, timeout=60)
-    assert not alive, f"outlived the killed run: {[p.cmdline()[:4] for p in alive]}"
+    assert not left_behind(run, run_dir)
     assert start(recipe, run_dir, *settings).wait(timeout=600) == 0
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -255,21 +302,22 @@ def test_an_async_run_killed_at_any_moment_trains_every_prompt_once(recipe, tmp_
     assert len(keys) == 1 and len(written) > 20 and not [f for f in written for k in keys if k in f.read_bytes()]
 
 
-def test_a_ppo_run_killed_and_resumed_equals_an_uninterrupted_one_critic_included(recipe, tmp_path):
+def test_a_ppo_run_killed_and_resumed_equals_an_uninterrupted_one_critic_included(recipe, served, tmp_path):
     """PPO, synchronous: SIGKILL of the whole run (launcher, torchrun, rank) after step 3, whose last checkpoint is
     step 2's; resumed, it ends bit-identical to an uninterrupted run: the same metrics, the same policy and critic
     and both optimizers' moments. The critic is checkpointed under ``critic.`` keys and is not in the export."""
     settings = ("algorithm.name=ppo", "eval.every=0")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert start(recipe, whole, *settings).wait(timeout=600) == 0, whole.with_suffix(".log").read_text()[-3000:]
+    assert start(recipe, whole, *settings, engine=served).wait(timeout=600) == 0, \
+        whole.with_suffix(".log").read_text()[-3000:]
     rows = metrics(whole)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["train/value_loss"] > 0 and r["optim/critic_grad_norm"] > 0 for r in rows)
     assert all(r["optim/critic_lr"] == pytest.approx(1e-5) for r in rows[1:])  # its own rate, after 1 warm-up step
-    proc = start(recipe, broken, *settings)
+    proc = start(recipe, broken, *settings, engine=served)
     wait_for_steps(proc, broken, 3)
     kill_run(proc)
-    assert start(recipe, broken, *settings).wait(timeout=600) == 0
+    assert start(recipe, broken, *settings, engine=served).wait(timeout=600) == 0
     assert "resuming from" in broken.with_suffix(".log").read_text()
     assert untimed(metrics(broken)) == untimed(metrics(whole))
     a, b = final_state(whole), final_state(broken)
@@ -288,7 +336,7 @@ def test_a_ppo_run_killed_and_resumed_equals_an_uninterrupted_one_critic_include
     assert not [k for k in exported if "critic" in k or "value" in k]
 
 
-def test_gspo_with_dapos_options_through_flowrl_train(recipe, tmp_path):
+def test_gspo_with_dapos_options_through_flowrl_train(recipe, served, tmp_path):
     """GSPO with clip-higher, dynamic sampling and overlong shaping, end to end: half the prompts always get equal
     rewards, so every step drops some groups and samples more (counted in the metrics and in rollouts.jsonl, each
     step still trains 4 prompts), and the tiny random model rarely ends a response before the limit, so rewards
@@ -300,7 +348,8 @@ def test_gspo_with_dapos_options_through_flowrl_train(recipe, tmp_path):
     settings = (f"data.train_files=[{data}]", "reward.name=tests.rollout.equal_or_varied:reward", "eval.every=0",
                 "algorithm.name=gspo", "algorithm.clip_eps_high=5e-4", "algorithm.dynamic_sampling=true",
                 "rollout.max_response_tokens=16", "reward.overlong_buffer=4", "train.steps=3", "checkpoint.every=0")
-    assert start(recipe, run_dir, *settings).wait(timeout=600) == 0, run_dir.with_suffix(".log").read_text()[-3000:]
+    assert start(recipe, run_dir, *settings, engine=served).wait(timeout=600) == 0, \
+        run_dir.with_suffix(".log").read_text()[-3000:]
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     records = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]

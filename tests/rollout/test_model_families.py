@@ -53,7 +53,7 @@ def test_an_engine_serves_the_export_and_takes_live_weights(fixture, request, tm
             served = max(served, *(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)))
         assert served <= TOL
         results = run_distributed("tests.rollout.workers:sync_to_engines", 2, timeout=600, ckpt=str(ckpt), tp=2,
-                                  pp=1, urls=[engine.url], engine_tp=[1], api_key=group.api_key, train_step=True)
+                                  pp=1, urls=[engine.url], engine_tp=[1], api_key=group.api_key, steps=1)
     r = {k: v for result in results for k, v in result.items() if v}
     print(f"{fixture}: served export vs transformers {served:.1e}; engine vs trainer before the sync "
           f"{r['before_sync']['engine0']:.1e}, after {r['after_sync']['engine0']:.1e}")

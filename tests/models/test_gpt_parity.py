@@ -11,14 +11,40 @@ from tests.distributed import run_distributed
 # 160 positions: 2.5 times the tiny Llama's original context (64), where its llama3 RoPE scaling matters.
 TOKENS = torch.randint(0, 1000, (2, 160), generator=torch.Generator().manual_seed(0)).tolist()
 TOLERANCE = 1e-4
-# Which families each layout is checked on (one launch per layout): every family at TP1, TP2 and PP2; TP2 x PP2
-# for the families with a layout of their own (tied embeddings, query/key norms).
+# Which families each layout is checked on: every family at TP1, TP2 and PP2; TP2 x PP2 for the families with a
+# layout of their own (tied embeddings, query/key norms).
 LAYOUTS = {
     (1, 1): ["tiny_untied", "tiny_tied", "tiny_llama", "tiny_qwen3"],
     (2, 1): ["tiny_untied", "tiny_llama", "tiny_qwen3"],
     (1, 2): ["tiny_untied", "tiny_llama", "tiny_qwen3"],
     (2, 2): ["tiny_untied", "tiny_tied", "tiny_qwen3"],
 }
+
+
+@pytest.fixture(scope="module")
+def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
+    """Megatron's logits by (checkpoint, tp, pp, attention): every family of LAYOUTS converted for its layout; the
+    TP2 x PP2 tiny_untied also with SDPA attention; tiny_untied converted at TP2 and written again at TP2 by
+    megatron-core's own saver, both loaded at TP1 x PP2. One launch per world size runs all of its checkpoints."""
+    root = tmp_path_factory.mktemp("parity")
+    runs: dict[tuple, dict] = {}
+    for (tp, pp), models in LAYOUTS.items():
+        for m in models:
+            ckpt = hf_to_megatron(request.getfixturevalue(m), root / f"{m}_tp{tp}_pp{pp}", tp=tp, pp=pp)
+            runs[m, tp, pp, "default"] = dict(tp=tp, pp=pp, ckpt=str(ckpt))
+    runs["tiny_untied", 2, 2, "sdpa"] = {**runs["tiny_untied", 2, 2, "default"], "attention": "sdpa"}
+    converted = root / "tiny_untied_tp2_pp1"
+    saved = root / "saved_tp2"
+    run_distributed("tests.models.workers:save_live_model", 2, ckpt_in=str(converted), ckpt_out=str(saved), tp=2, pp=1)
+    (saved / "hf").symlink_to(converted / "hf")
+    runs["converted_tp2", 1, 2, "default"] = dict(tp=1, pp=2, ckpt=str(converted))
+    runs["saved_tp2", 1, 2, "default"] = dict(tp=1, pp=2, ckpt=str(saved))
+    for i, run in enumerate(runs.values()):
+        run["out"] = str(root / f"logits{i}.pt")
+    for world in sorted({tp * pp for _, tp, pp, _ in runs}):
+        launched = [run for (_, tp, pp, _), run in runs.items() if tp * pp == world]
+        run_distributed("tests.models.workers:megatron_logits", world, runs=launched, tokens=TOKENS)
+    return {key: torch.load(run["out"], weights_only=True) for key, run in runs.items()}
 
 
 def hf_logits(model_dir, tokens=TOKENS) -> torch.Tensor:
@@ -31,15 +57,9 @@ def hf_logits(model_dir, tokens=TOKENS) -> torch.Tensor:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(("tp", "pp"), list(LAYOUTS))
-def test_logits_match_transformers(tp, pp, request, tmp_path):
-    models = LAYOUTS[tp, pp]
-    srcs = [request.getfixturevalue(m) for m in models]
-    ckpts = [hf_to_megatron(src, tmp_path / m, tp=tp, pp=pp) for m, src in zip(models, srcs, strict=True)]
-    outs = [tmp_path / f"{m}.pt" for m in models]
-    run_distributed("tests.models.workers:megatron_logits", tp * pp, ckpt=[str(c) for c in ckpts], tp=tp, pp=pp,
-                    tokens=TOKENS, out=[str(o) for o in outs])
-    for m, src, out in zip(models, srcs, outs, strict=True):
-        got, want = torch.load(out, weights_only=True), hf_logits(src)
+def test_logits_match_transformers(tp, pp, logits, request):
+    for m in LAYOUTS[tp, pp]:
+        got, want = logits[m, tp, pp, "default"], hf_logits(request.getfixturevalue(m))
         assert got.shape == want.shape, m
         assert (got - want).abs().max().item() <= TOLERANCE, m
 
@@ -65,31 +85,17 @@ def test_the_llama_fixture_is_a_llama_whose_rope_scaling_the_parity_test_would_n
 
 
 @pytest.mark.distributed
-def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(tiny_untied, tmp_path):
+def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(logits, tiny_untied):
     """A checkpoint laid out for TP2 (written by megatron-core's own saver at TP2) reshards on load."""
-    converted = hf_to_megatron(tiny_untied, tmp_path / "tp2", tp=2, pp=1)
-    saved = tmp_path / "saved_tp2"
-    run_distributed("tests.models.workers:save_live_model", 2, ckpt_in=str(converted), ckpt_out=str(saved), tp=2, pp=1)
-    (saved / "hf").symlink_to(converted / "hf")
-    ckpts = {"converted": converted, "saved": saved}
-    outs = {name: tmp_path / f"{name}.pt" for name in ckpts}
-    run_distributed("tests.models.workers:megatron_logits", 2, ckpt=[str(c) for c in ckpts.values()], tp=1, pp=2,
-                    tokens=TOKENS, out=[str(o) for o in outs.values()])
-    logits = {name: torch.load(out, weights_only=True) for name, out in outs.items()}
-    want = hf_logits(tiny_untied)
-    assert (logits["converted"] - want).abs().max().item() <= TOLERANCE
-    assert torch.equal(logits["converted"], logits["saved"])
+    converted, saved = logits["converted_tp2", 1, 2, "default"], logits["saved_tp2", 1, 2, "default"]
+    assert (converted - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE
+    assert torch.equal(converted, saved)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("tp", "pp"), [(2, 2)])
-def test_sdpa_attention_equals_the_default_attention(tiny_untied, tp, pp, tmp_path):
-    """The local spec with torch's scaled_dot_product_attention (GQA, causal) gives the default attention's logits."""
-    ckpt = hf_to_megatron(tiny_untied, tmp_path / "ckpt", tp=tp, pp=pp)
-    attentions = ("default", "sdpa")
-    outs = [tmp_path / f"{attention}.pt" for attention in attentions]
-    run_distributed("tests.models.workers:megatron_logits", tp * pp, ckpt=str(ckpt), tp=tp, pp=pp, tokens=TOKENS,
-                    out=[str(o) for o in outs], attention=list(attentions))
-    logits = {a: torch.load(o, weights_only=True) for a, o in zip(attentions, outs, strict=True)}
-    assert (logits["sdpa"] - logits["default"]).abs().max().item() <= 1e-5
-    assert (logits["sdpa"] - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE
+def test_sdpa_attention_equals_the_default_attention(logits, tiny_untied):
+    """The local spec with torch's scaled_dot_product_attention (GQA, causal) gives the default attention's logits
+    (TP2 x PP2)."""
+    sdpa, default = logits["tiny_untied", 2, 2, "sdpa"], logits["tiny_untied", 2, 2, "default"]
+    assert (sdpa - default).abs().max().item() <= 1e-5
+    assert (sdpa - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE

@@ -7,33 +7,26 @@ from pathlib import Path
 import torch
 
 
-def megatron_logits(ckpt: str | list[str], tp: int, pp: int, tokens: list[list[int]], out: str | list[str],
-                    dtype: str = "float32", attention: str | list[str] = "default") -> None:
-    """Load ``ckpt`` at TP x PP, run the pipeline schedule forward, save full-vocab logits from the last stage.
-
-    Lists of outputs are run one after the other in the same processes (one launch per layout), each with its own
-    checkpoint and attention where those are lists too (of the same length)."""
-    from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
-
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
-    outs = [out] if isinstance(out, str) else out
-    ckpts = [ckpt] * len(outs) if isinstance(ckpt, str) else ckpt
-    attentions = [attention] * len(outs) if isinstance(attention, str) else attention
-    for c, o, a in zip(ckpts, outs, attentions, strict=True):
-        _save_logits(c, tokens, o, dtype, a)
+def megatron_logits(runs: list[dict], tokens: list[list[int]]) -> None:
+    """Each run (``tp``, ``pp``, ``ckpt``, ``out``, optionally ``attention``) in turn, in the same processes:
+    initialise its layout (replacing the previous one), load ``ckpt`` at TP x PP, run the pipeline schedule forward,
+    save the full-vocab float32 logits of the last stage to ``out``. One launch serves every run of a world size."""
+    for run in runs:
+        _save_logits(tokens=tokens, **run)
 
 
-def _save_logits(ckpt: str, tokens: list[list[int]], out: str, dtype: str, attention: str) -> None:
+def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]], attention: str = "default") -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from flowrl_megatron.checkpoint import load_model_weights
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
-    from flowrl_megatron.runtime import device
+    from flowrl_megatron.runtime import ParallelLayout, device, init_model_parallel
 
+    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    model = build_gpt_model(arch, params_dtype=getattr(torch, dtype), attention=attention)
+    model = build_gpt_model(arch, params_dtype=torch.float32, attention=attention)
     load_model_weights(model, ckpt)
     model.eval()
     batch = torch.tensor(tokens, device=device())

@@ -75,12 +75,9 @@ def test_variants_and_detach_switch():
 @pytest.mark.distributed
 def test_z_head_is_saved_in_training_checkpoints_and_reshards(tiny_untied, tmp_path):
     ckpt = hf_to_megatron(tiny_untied, tmp_path / "ckpt")
-    saved = tmp_path / "policy_tp2"
-    before = run_distributed("tests.models.workers:policy_checkpoint_round_trip", 2, ckpt=str(ckpt),
-                             saved=str(saved), tp=2, pp=1, save=True)
-    after = run_distributed("tests.models.workers:policy_checkpoint_round_trip", 2, ckpt=str(ckpt),
-                            saved=str(saved), tp=1, pp=2, save=False)
+    ranks = run_distributed("tests.models.workers:policy_checkpoint_round_trip", 2, ckpt=str(ckpt),
+                            saved=str(tmp_path / "policy_tp2"))  # saved at TP2, loaded at TP1 x PP2
     fresh = [p.double().sum().item() for p in ZHead(128, ZHeadConfig()).parameters()]
-    assert before[0]["z_head"] != pytest.approx(fresh)  # it was perturbed before saving
-    assert after[1]["z_head"] == pytest.approx(before[0]["z_head"], abs=1e-9)  # last PP stage of the reload
-    assert after[0]["z_head"] is None  # only the last stage has a Z head
+    assert ranks[0]["before"] != pytest.approx(fresh)  # it was perturbed before saving (at TP2: on both ranks)
+    assert ranks[1]["after"] == pytest.approx(ranks[0]["before"], abs=1e-9)  # last PP stage of the reload
+    assert ranks[0]["after"] is None  # only the last stage has a Z head

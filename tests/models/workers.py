@@ -138,8 +138,9 @@ def policy_log_z(ckpt: str, tp: int, pp: int, tokens: list[list[int]], prompt_le
         torch.save(res[0]["log_z"], out)
 
 
-def policy_checkpoint_round_trip(ckpt: str, saved: str, tp: int, pp: int, save: bool) -> dict:
-    """Save a policy (after perturbing its Z head) or load it at another layout; return the Z head's checksum."""
+def policy_checkpoint_round_trip(ckpt: str, saved: str) -> dict:
+    """At TP2, perturb a policy's Z head and save it; then, in the same processes, at TP1 x PP2, load it. The Z
+    head's checksum on this rank at each layout (None where the rank holds no Z head)."""
     import torch.distributed as dist
 
     from flowrl_megatron.checkpoint import load_model_weights, save_model_weights
@@ -148,16 +149,19 @@ def policy_checkpoint_round_trip(ckpt: str, saved: str, tp: int, pp: int, save: 
     from flowrl_megatron.models.gpt import build_gpt_model
     from flowrl_megatron.runtime import ParallelLayout, init_model_parallel
 
-    init_model_parallel(ParallelLayout(tp=tp, pp=pp))
-    model = build_gpt_model(load_arch(Path(ckpt) / "hf"), z_head=ZHeadConfig())
-    if save:
-        load_model_weights(model, ckpt, new_prefixes=("z_head.",))
-        if model.z_head is not None:
-            with torch.no_grad():
-                for p in model.z_head.parameters():
-                    p.mul_(-2.0).add_(0.5)  # differs from the seeded initialisation
-        save_model_weights(model, saved)
-    else:
-        load_model_weights(model, saved)
-    z = [p.double().sum().item() for p in model.z_head.parameters()] if model.z_head is not None else None
-    return {"rank": dist.get_rank(), "z_head": z}
+    def checksum(model) -> list[float] | None:
+        return [p.double().sum().item() for p in model.z_head.parameters()] if model.z_head is not None else None
+
+    arch = load_arch(Path(ckpt) / "hf")
+    init_model_parallel(ParallelLayout(tp=2, pp=1))
+    model = build_gpt_model(arch, z_head=ZHeadConfig())
+    load_model_weights(model, ckpt, new_prefixes=("z_head.",))
+    with torch.no_grad():
+        for p in model.z_head.parameters():
+            p.mul_(-2.0).add_(0.5)  # differs from the seeded initialisation
+    save_model_weights(model, saved)
+    before = checksum(model)
+    init_model_parallel(ParallelLayout(tp=1, pp=2))
+    model = build_gpt_model(arch, z_head=ZHeadConfig())
+    load_model_weights(model, saved)
+    return {"rank": dist.get_rank(), "before": before, "after": checksum(model)}

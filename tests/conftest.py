@@ -12,16 +12,16 @@ from flowrl_megatron.models.tiny import make_tiny_model
 LONGEST_FIRST = (
     "tests/test_trainer.py",
     "tests/demo/test_demo.py",
-    "tests/rollout/test_weight_sync.py",
     "tests/algorithms/test_toy_distribution_matching.py",
+    "tests/rollout/test_weight_sync.py",
     "tests/slurm/test_sbatch.py",
     "tests/rollout/test_engines_and_client.py",
-    "tests/models/test_gpt_parity.py",
-    "tests/training/test_gradient_invariance.py",
     "tests/rollout/test_model_families.py",
-    "tests/models/test_policy.py",
+    "tests/models/test_gpt_parity.py",
     "tests/runtime/test_distributed.py",
     "tests/evaluation/test_run.py",
+    "tests/training/test_gradient_invariance.py",
+    "tests/models/test_policy.py",
 )
 
 

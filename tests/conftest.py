@@ -6,22 +6,22 @@ import torch
 
 from flowrl_megatron.models.tiny import make_tiny_model
 
-# The files with the most CPU work (core-seconds on a 2-core machine, in this order: about 650, 423, 259, 225, 183,
-# 149, 145, 108, 107, 103, 93, 90), run first: `make test` hands whole files to its workers in this order
+# The files with the most CPU work (core-seconds on a 2-core machine, in this order: about 450, 385, 225, 175, 165,
+# 125, 95, 85, 80, 80, 70, 70), run first: `make test` hands whole files to its workers in this order
 # (pytest-xdist, --dist loadfile), so no worker starts a long file when the others are nearly done.
 LONGEST_FIRST = (
     "tests/test_trainer.py",
     "tests/demo/test_demo.py",
     "tests/algorithms/test_toy_distribution_matching.py",
-    "tests/rollout/test_weight_sync.py",
     "tests/slurm/test_sbatch.py",
+    "tests/rollout/test_weight_sync.py",
     "tests/rollout/test_engines_and_client.py",
     "tests/rollout/test_model_families.py",
-    "tests/models/test_gpt_parity.py",
     "tests/runtime/test_distributed.py",
+    "tests/models/test_gpt_parity.py",
     "tests/evaluation/test_run.py",
-    "tests/training/test_gradient_invariance.py",
     "tests/models/test_policy.py",
+    "tests/training/test_gradient_invariance.py",
 )
 
 

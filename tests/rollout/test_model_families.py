@@ -3,6 +3,9 @@ from the original, and after a live weight sync from Megatron it scores tokens a
 
 from __future__ import annotations
 
+import contextlib
+import secrets
+
 import httpx
 import pytest
 import torch
@@ -38,24 +41,45 @@ def engine_greedy(url: str, api_key: str, prompt: list[int]) -> tuple[list[int],
     return [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]], logprobs["token_logprobs"]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_llama"])
-def test_an_engine_serves_the_export_and_takes_live_weights(fixture, request, tmp_path):
-    src = request.getfixturevalue(fixture)
-    ckpt = hf_to_megatron(src, tmp_path / "ckpt", tp=2, pp=2)
-    exported = megatron_to_hf(ckpt, tmp_path / "hf")
-    with EngineGroup(EngineConfig(model=str(exported), max_model_len=256), 1, tmp_path / "logs") as group:
-        (engine,) = group.engines
-        served = 0.0
-        for prompt in PROMPTS:
-            got_tokens, got_lp = engine_greedy(engine.url, group.api_key, prompt)
-            want_tokens, want_lp = transformers_greedy(src, prompt)
-            assert got_tokens == want_tokens
-            served = max(served, *(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)))
-        assert served <= TOL
-        results = run_distributed("tests.rollout.workers:sync_to_engines", 2, timeout=600, ckpt=str(ckpt), tp=2,
-                                  pp=1, urls=[engine.url], engine_tp=[1], api_key=group.api_key, steps=1)
-    r = {k: v for result in results for k, v in result.items() if v}
-    print(f"{fixture}: served export vs transformers {served:.1e}; engine vs trainer before the sync "
+FAMILIES = ("tiny_qwen3", "tiny_llama")
+
+
+@pytest.fixture(scope="module")
+def families(request, tmp_path_factory) -> dict[str, dict]:
+    """For each family: its checkpoint converted at TP2 x PP2 and exported, an engine serving the export, the largest
+    log-prob gap between the engine's greedy decoding and transformers' on the original (the tokens must agree);
+    then one TP2 launch that, for each family in turn, trains the checkpoint one step and syncs that family's
+    engine, comparing log-probs before and after."""
+    root = tmp_path_factory.mktemp("families")
+    out, runs, key = {}, [], secrets.token_hex(24)  # one key for both engines: the launch holds one
+    with contextlib.ExitStack() as engines:
+        for fixture in FAMILIES:
+            src = request.getfixturevalue(fixture)
+            ckpt = hf_to_megatron(src, root / fixture / "ckpt", tp=2, pp=2)
+            exported = megatron_to_hf(ckpt, root / fixture / "hf")
+            group = engines.enter_context(EngineGroup(EngineConfig(model=str(exported), max_model_len=256), 1,
+                                                      root / fixture / "logs", api_key=key))
+            (engine,) = group.engines
+            served = 0.0
+            for prompt in PROMPTS:
+                got_tokens, got_lp = engine_greedy(engine.url, key, prompt)
+                want_tokens, want_lp = transformers_greedy(src, prompt)
+                assert got_tokens == want_tokens, fixture
+                served = max(served, *(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)))
+            out[fixture] = {"served": served}
+            runs.append(dict(ckpt=str(ckpt), urls=[engine.url], engine_tp=[1]))
+        synced = run_distributed("tests.rollout.workers:sync_each_to_engines", 2, timeout=600, runs=runs, tp=2, pp=1,
+                                 api_key=key, steps=1)
+    for i, fixture in enumerate(FAMILIES):
+        out[fixture].update({k: v for rank in synced for k, v in rank[i].items() if v})
+    return out
+
+
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_an_engine_serves_the_export_and_takes_live_weights(fixture, families):
+    r = families[fixture]
+    print(f"{fixture}: served export vs transformers {r['served']:.1e}; engine vs trainer before the sync "
           f"{r['before_sync']['engine0']:.1e}, after {r['after_sync']['engine0']:.1e}")
+    assert r["served"] <= TOL
     assert r["before_sync"]["engine0"] > 100 * TOL  # the optimizer step changed what the trainer scores
     assert r["after_sync"]["engine0"] <= TOL and r["after_sync"]["probe"] <= TOL

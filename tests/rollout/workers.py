@@ -68,6 +68,12 @@ def _sample_and_score(model_chunks, arch, client, prompts: list[list[int]]) -> d
                                                                           if s[3] == e])]}}
 
 
+def sync_each_to_engines(runs: list[dict], tp: int, pp: int, api_key: str, steps: int) -> list[dict]:
+    """``sync_to_engines`` for each run (``ckpt``, ``urls``, ``engine_tp``: one model and its engines) in turn, in
+    the same processes."""
+    return [sync_to_engines(tp=tp, pp=pp, api_key=api_key, steps=steps, **run) for run in runs]
+
+
 def sync_to_engines(ckpt: str, tp: int, pp: int, urls: list[str], engine_tp: list[int], api_key: str,
                     steps: int) -> dict:
     """Load ``ckpt`` at TP x PP, take ``steps`` optimizer steps, compare log-probs with every engine's, sync them

@@ -6,8 +6,8 @@ import torch
 
 from flowrl_megatron.models.tiny import make_tiny_model
 
-# The files with the most CPU work (core-seconds on a 2-core machine, in this order: about 450, 385, 225, 175, 165,
-# 125, 95, 85, 80, 80, 70, 70), run first: `make test` hands whole files to its workers in this order
+# The files with the most CPU work (core-seconds on a 2-core machine, in the order listed: about 420, 380, 220, 175,
+# 165, 120, 65, 85, 75, 75, 70, 60), run first: `make test` hands whole files to its workers in this order
 # (pytest-xdist, --dist loadfile), so no worker starts a long file when the others are nearly done.
 LONGEST_FIRST = (
     "tests/test_trainer.py",

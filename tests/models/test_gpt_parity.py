@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
             ckpt = hf_to_megatron(request.getfixturevalue(m), root / f"{m}_tp{tp}_pp{pp}", tp=tp, pp=pp)
             runs[m, tp, pp, "default"] = dict(tp=tp, pp=pp, ckpt=str(ckpt))
     runs["tiny_untied", 2, 2, "sdpa"] = {**runs["tiny_untied", 2, 2, "default"], "attention": "sdpa"}
-    converted = root / "tiny_untied_tp2_pp1"
+    converted = Path(runs["tiny_untied", 2, 1, "default"]["ckpt"])
     saved = root / "saved_tp2"
     run_distributed("tests.models.workers:save_live_model", 2, ckpt_in=str(converted), ckpt_out=str(saved), tp=2, pp=1)
     (saved / "hf").symlink_to(converted / "hf")

@@ -30,16 +30,17 @@ def results(tiny_untied, tmp_path_factory):
     root = tmp_path_factory.mktemp("invariance")
     ckpt = hf_to_megatron(tiny_untied, root / "ckpt")
     out = {}
-    parallel = list(dict.fromkeys(layout[:3] for layout in LAYOUTS))
-    for world in dict.fromkeys(tp * pp * dp for tp, pp, dp in parallel):
-        launched = [(tp, pp, dp) for tp, pp, dp in parallel if tp * pp * dp == world]
-        mine = [[layout for layout in LAYOUTS if layout[:3] == p] for p in launched]
+    rows: dict[tuple, list[tuple]] = {}  # (tp, pp, dp) -> its LAYOUTS
+    for layout in LAYOUTS:
+        rows.setdefault(layout[:3], []).append(layout)
+    for world in dict.fromkeys(tp * pp * dp for tp, pp, dp in rows):
+        launched = {(tp, pp, dp): mine for (tp, pp, dp), mine in rows.items() if tp * pp * dp == world}
         path = root / f"world{world}.pt"
         run_distributed("tests.algorithms.workers:policy_gradients", world, ckpt=str(ckpt), out=str(path),
-                        layouts=[[tp, pp, [dict(zip(VARIANT, layout[3:], strict=True)) for layout in layouts]]
-                                 for (tp, pp, _), layouts in zip(launched, mine, strict=True)])
-        for layouts, results in zip(mine, torch.load(path, weights_only=True), strict=True):
-            out.update(zip(layouts, results, strict=True))
+                        layouts=[[tp, pp, [dict(zip(VARIANT, layout[3:], strict=True)) for layout in mine]]
+                                 for (tp, pp, _), mine in launched.items()])
+        for mine, got in zip(launched.values(), torch.load(path, weights_only=True), strict=True):
+            out.update(zip(mine, got, strict=True))
     return out
 
 

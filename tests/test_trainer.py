@@ -2,8 +2,9 @@
 with SIGTERM and resumed ends bit-identical to an uninterrupted one (and its W&B and MLflow runs hold the JSONL
 file's scalars, each step once); an asynchronous one (rollout.max_staleness=1)
 killed with SIGKILL at an arbitrary moment trains every prompt of the data order once across the kill, none older
-than one version, and leaves no process behind. They train with SDPA attention and packed micro-batches by token
-budget (the padded, fixed-size path runs in the demo and Slurm tests)."""
+than one version, and leaves no process behind. PPO's critic resumes bit-exactly too, and trains asynchronously;
+GSPO trains with DAPO's options. They train with SDPA attention and packed micro-batches by token budget (the
+padded, fixed-size path runs in the demo and Slurm tests)."""
 
 from __future__ import annotations
 
@@ -334,6 +335,25 @@ def test_a_ppo_run_killed_and_resumed_equals_an_uninterrupted_one_critic_include
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert torch.equal(exported["model.norm.weight"], a["decoder.final_layernorm.weight"])  # the policy's
     assert not [k for k in exported if "critic" in k or "value" in k]
+
+
+def test_an_asynchronous_ppo_run_trains_policy_and_critic_and_syncs_only_the_policy(recipe, served, tmp_path):
+    """PPO with rollout.max_staleness=1: the engine generates the next batch while the policy and critic train on
+    the last one (importance-weighted by the engine's log-probs); both take every update, and after each weight sync
+    the engine scores the probe prompts as the trained policy does, so what it was sent is the policy."""
+    run_dir = tmp_path / "ppo_async"
+    settings = ("algorithm.name=ppo", "rollout.max_staleness=1", "train.steps=3", "eval.every=0",
+                "checkpoint.every=0")
+    assert start(recipe, run_dir, *settings, engine=served).wait(timeout=600) == 0, \
+        run_dir.with_suffix(".log").read_text()[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["rollout/staleness_max"] <= 1 for r in rows)
+    assert sum(r["rollout/staleness_mean"] for r in rows) > 0  # the engine ran ahead of the trainer
+    assert all(r["train/value_loss"] > 0 and r["optim/critic_grad_norm"] > 0 for r in rows)
+    assert all(r["optim/skipped_updates"] == 0 for r in rows)
+    probed = [r["mismatch/probe_abs_diff"] for r in rows if "mismatch/probe_abs_diff" in r]
+    assert len(probed) >= 2 and max(probed) <= 1e-4
 
 
 def test_gspo_with_dapos_options_through_flowrl_train(recipe, served, tmp_path):

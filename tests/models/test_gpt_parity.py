@@ -21,13 +21,17 @@ LAYOUTS = {
     (1, 2): ["tiny_untied", "tiny_llama", "tiny_qwen3"],
     (2, 2): ["tiny_untied", "tiny_tied", "tiny_qwen3"],
 }
+# PPO's critic from the same checkpoints: tied embeddings (the critic unties them; at PP2 its last stage holds none)
+# and untied, at TP1 and TP2 x PP2.
+CRITIC_LAYOUTS = {(1, 1): ["tiny_tied"], (2, 2): ["tiny_untied", "tiny_tied"]}
 
 
 @pytest.fixture(scope="module")
 def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
-    """Megatron's logits by (checkpoint, tp, pp, attention): every family of LAYOUTS converted for its layout; the
-    TP2 x PP2 tiny_untied also with SDPA attention; tiny_untied converted at TP2 and written again at TP2 by
-    megatron-core's own saver, both loaded at TP1 x PP2. One launch per world size runs all of its checkpoints."""
+    """Megatron's outputs by (checkpoint, tp, pp, variant): the logits of every family of LAYOUTS converted for its
+    layout ("default"); the TP2 x PP2 tiny_untied's also with SDPA attention ("sdpa"); tiny_untied converted at TP2
+    and written again at TP2 by megatron-core's own saver, both loaded at TP1 x PP2; the values of critics built
+    from the CRITIC_LAYOUTS checkpoints ("value"). One launch per world size runs all of its checkpoints."""
     root = tmp_path_factory.mktemp("parity")
     runs: dict[tuple, dict] = {}
     for (tp, pp), models in LAYOUTS.items():
@@ -35,6 +39,9 @@ def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
             ckpt = hf_to_megatron(request.getfixturevalue(m), root / f"{m}_tp{tp}_pp{pp}", tp=tp, pp=pp)
             runs[m, tp, pp, "default"] = dict(tp=tp, pp=pp, ckpt=str(ckpt))
     runs["tiny_untied", 2, 2, "sdpa"] = {**runs["tiny_untied", 2, 2, "default"], "attention": "sdpa"}
+    for (tp, pp), models in CRITIC_LAYOUTS.items():
+        for m in models:
+            runs[m, tp, pp, "value"] = {**runs[m, tp, pp, "default"], "value_head": True}
     converted = Path(runs["tiny_untied", 2, 1, "default"]["ckpt"])
     saved = root / "saved_tp2"
     run_distributed("tests.models.workers:save_live_model", 2, ckpt_in=str(converted), ckpt_out=str(saved), tp=2, pp=1)
@@ -64,6 +71,24 @@ def test_logits_match_transformers(tp, pp, logits, request):
         got, want = logits[m, tp, pp, "default"], hf_logits(request.getfixturevalue(m))
         assert got.shape == want.shape, m
         assert (got - want).abs().max().item() <= TOLERANCE, m
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("tp", "pp"), list(CRITIC_LAYOUTS))
+def test_critic_values_are_its_value_head_on_the_checkpoints_final_hidden_states(tp, pp, logits, request):
+    """PPO's critic built from a converted checkpoint holds the language model's trunk (tied embeddings untied) and
+    its seeded value head: V at each position is that head on transformers' final-norm hidden states."""
+    from transformers import AutoModelForCausalLM
+
+    from flowrl_megatron.models.value import ValueHead
+
+    for m in CRITIC_LAYOUTS[tp, pp]:
+        hf = AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(m)), dtype=torch.float32)
+        with torch.no_grad():
+            want = ValueHead(hf.config.hidden_size, torch.float32)(hf.model(torch.tensor(TOKENS)).last_hidden_state)[0]
+        got = logits[m, tp, pp, "value"]
+        assert got.shape == want.shape == (len(TOKENS), len(TOKENS[0])), m
+        assert (got - want).abs().max().item() <= TOLERANCE and want.std() > 10 * TOLERANCE, m
 
 
 def test_the_llama_fixture_is_a_llama_whose_rope_scaling_the_parity_test_would_notice(tiny_llama, tmp_path):

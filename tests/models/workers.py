@@ -8,26 +8,29 @@ import torch
 
 
 def megatron_logits(runs: list[dict], tokens: list[list[int]]) -> None:
-    """Each run (``tp``, ``pp``, ``ckpt``, ``out``, optionally ``attention``) in turn, in the same processes:
-    initialise its layout (replacing the previous one), load ``ckpt`` at TP x PP, run the pipeline schedule forward,
-    save the full-vocab float32 logits of the last stage to ``out``. One launch serves every run of a world size."""
+    """Each run (``tp``, ``pp``, ``ckpt``, ``out``, optionally ``attention`` and ``value_head``) in turn, in the same
+    processes: initialise its layout (replacing the previous one), load ``ckpt`` at TP x PP, run the pipeline
+    schedule forward, save the full-vocab float32 logits of the last stage to ``out`` (``value_head``: PPO's critic
+    built from ``ckpt``, its values [b, s]). One launch serves every run of a world size."""
     for run in runs:
         _save_logits(tokens=tokens, **run)
 
 
-def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]], attention: str = "default") -> None:
+def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]], attention: str = "default",
+                 value_head: bool = False) -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from flowrl_megatron.checkpoint import load_model_weights
     from flowrl_megatron.models.arch import load_arch
     from flowrl_megatron.models.gpt import build_gpt_model, causal_attention_mask
+    from flowrl_megatron.models.value import VALUE_HEAD_PREFIX
     from flowrl_megatron.runtime import ParallelLayout, device, init_model_parallel
 
     init_model_parallel(ParallelLayout(tp=tp, pp=pp))
     arch = load_arch(Path(ckpt) / "hf")
-    model = build_gpt_model(arch, params_dtype=torch.float32, attention=attention)
-    load_model_weights(model, ckpt)
+    model = build_gpt_model(arch, params_dtype=torch.float32, attention=attention, value_head=value_head)
+    load_model_weights(model, ckpt, new_prefixes=(VALUE_HEAD_PREFIX,) if value_head else ())
     model.eval()
     batch = torch.tensor(tokens, device=device())
     b, s = batch.shape
@@ -38,6 +41,8 @@ def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]],
         output = model(input_ids=ids, position_ids=positions, attention_mask=causal_attention_mask(s, ids.device))
 
         def collect(output_tensor):
+            if value_head:  # replicated on every TP rank: nothing to gather
+                return output_tensor.sum() * 0, {"logits": output_tensor.float().cpu()}
             full = tensor_parallel.gather_from_tensor_model_parallel_region(output_tensor)
             return output_tensor.sum() * 0, {"logits": full[..., : arch.vocab_size].float().cpu()}
 

@@ -29,8 +29,6 @@ from flowrl_megatron.metrics import read_metrics
 from flowrl_megatron.processes import HELD_LOCK_ENV
 from flowrl_megatron.rollout.auth import KEY_ENV, TRAINER_KEY_ENV
 from flowrl_megatron.runtime.distributed import free_port
-from flowrl_megatron.training.batch import Batch, local_rows
-from flowrl_megatron.training.micro_batches import MicroBatching
 from tests.distributed import REPO
 from tests.test_tracking import assert_backends_equal_jsonl
 
@@ -393,21 +391,3 @@ def test_engines_not_serving_the_trained_weights_stop_the_run(recipe, tmp_path):
     assert not metrics(run_dir) and not (run_dir / "checkpoints" / "latest").exists()
     _, alive = psutil.wait_procs(engines_started_after(t0, recipe), timeout=60)
     assert not alive
-
-
-
-def test_data_parallel_ranks_share_every_mini_batch():
-    """Each mini-batch's rows go to the DP ranks once each: in equal contiguous shares, or by equal token loads."""
-    lengths = torch.tensor([30, 5, 9, 7, 12, 3, 8, 6] + [10] * 8)
-    position = torch.arange(30).expand(16, 30)
-    full = Batch(tokens=torch.zeros(16, 30, dtype=torch.long), prompt_mask=position < 2,
-                 response_mask=(position >= 2) & (position < lengths[:, None]))
-    for batching in (MicroBatching(micro_batch_size=2), MicroBatching(max_tokens=64)):
-        ranks = [local_rows(full, 8, 2, batching, r) for r in range(2)]
-        for k in range(2):  # two mini-batches of 8 rows
-            assert sorted(ranks[0][k].tolist() + ranks[1][k].tolist()) == list(range(8 * k, 8 * k + 8))
-    contiguous = [local_rows(full, 8, 2, MicroBatching(micro_batch_size=2), r)[0] for r in range(2)]
-    assert [c.tolist() for c in contiguous] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    balanced = [local_rows(full, 8, 2, MicroBatching(max_tokens=64), r)[0] for r in range(2)]
-    gap = abs(int(lengths[balanced[0]].sum() - lengths[balanced[1]].sum()))
-    assert gap <= 2 < abs(int(lengths[contiguous[0]].sum() - lengths[contiguous[1]].sum()))  # 2 tokens, not 22

@@ -28,8 +28,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from flowrl_megatron.algorithms.advantages import overlong_penalty
-from flowrl_megatron.algorithms.losses import normalize_rewards
 from flowrl_megatron.checkpoint import (
     latest_checkpoint,
     load_model_weights,
@@ -56,7 +54,7 @@ from flowrl_megatron.rollout.groups import RolloutBatch, RolloutGroup
 from flowrl_megatron.rollout.mismatch import Mismatch, check_mismatch, probe_mismatch, probe_stats
 from flowrl_megatron.rollout.producer import Driver, RolloutProducer, sample_seed
 from flowrl_megatron.runtime import ParallelLayout, init_model_parallel, shutdown
-from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch
+from flowrl_megatron.training.batch import Batch, build_batch, local_rows, prompt_batch, step_batch
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
 from flowrl_megatron.training.nonfinite import NonFiniteGuard
 from flowrl_megatron.training.parallel import build_lr_scheduler, build_optimizer, wrap_ddp
@@ -255,15 +253,9 @@ class Trainer:
         """Train on one rollout batch and send the new weights to the engines; the step's metrics."""
         cfg, algo, t = self.cfg, self.cfg.algorithm, self.cfg.train
         rollouts: RolloutBatch = self._from_engines(lambda: self._next_rollouts(timer), "generating rollouts")
-        full = build_batch(rollouts.groups)
+        full, penalty = step_batch(rollouts.groups, algo, cfg.reward, cfg.rollout.max_response_tokens)
         version = self.sync.version
-        correct = (full.rewards > 0.5).float().mean().item()
-        penalty = overlong_penalty(full.response_mask.sum(1), cfg.rollout.max_response_tokens,
-                                   cfg.reward.overlong_buffer, cfg.reward.overlong_penalty)
-        full.rewards = full.rewards + penalty
-        full.advantages = normalize_rewards(algo, full.rewards, full.group_ids)
-        if algo.mask_truncated:
-            full.keep = ~full.truncated
+        correct = torch.tensor([r > 0.5 for g in rollouts.groups for r in g.rewards]).float().mean().item()
         if self.asynchronous:  # only samples of these very weights can be compared with them
             full.current = (full.first_version == version) & (full.last_version == version)
         rows = t.mini_batch_prompts * cfg.rollout.n

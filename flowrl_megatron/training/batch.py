@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from flowrl_megatron.algorithms.advantages import overlong_penalty
+from flowrl_megatron.algorithms.losses import normalize_rewards
+from flowrl_megatron.config import AlgorithmConfig, RewardConfig
 from flowrl_megatron.training.micro_batches import MicroBatching, data_parallel_split
 
 
@@ -101,6 +104,21 @@ def build_batch(groups: Sequence) -> Batch:
         first_version=torch.tensor([g.first_version for _, g in per_sample]),
         last_version=torch.tensor([g.last_version for _, g in per_sample]),
     )
+
+
+def step_batch(groups: Sequence, algo: AlgorithmConfig, reward: RewardConfig,
+               max_response_tokens: int) -> tuple[Batch, torch.Tensor]:
+    """A step's rollout groups -> the global batch the loss reads: DAPO's overlong penalty added to the rewards, the
+    rewards normalised into advantages (PPO's are replaced by GAE later), and with overlong filtering the truncated
+    samples left out of the loss (``keep``). Also the penalty of each sample."""
+    batch = build_batch(groups)
+    penalty = overlong_penalty(batch.response_mask.sum(1), max_response_tokens, reward.overlong_buffer,
+                               reward.overlong_penalty)
+    batch.rewards = batch.rewards + penalty
+    batch.advantages = normalize_rewards(algo, batch.rewards, batch.group_ids)
+    if algo.mask_truncated:
+        batch.keep = ~batch.truncated
+    return batch, penalty
 
 
 def local_rows(batch: Batch, mini_batch_rows: int, dp: int, batching: MicroBatching,

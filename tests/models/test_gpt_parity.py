@@ -27,7 +27,7 @@ CRITIC_LAYOUTS = {(1, 1): ["tiny_tied"], (2, 2): ["tiny_untied", "tiny_tied"]}
 
 
 @pytest.fixture(scope="module")
-def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
+def outputs(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
     """Megatron's outputs by (checkpoint, tp, pp, variant): the logits of every family of LAYOUTS converted for its
     layout ("default"); the TP2 x PP2 tiny_untied's also with SDPA attention ("sdpa"); tiny_untied converted at TP2
     and written again at TP2 by megatron-core's own saver, both loaded at TP1 x PP2; the values of critics built
@@ -49,10 +49,10 @@ def logits(request, tmp_path_factory) -> dict[tuple, torch.Tensor]:
     runs["converted_tp2", 1, 2, "default"] = dict(tp=1, pp=2, ckpt=str(converted))
     runs["saved_tp2", 1, 2, "default"] = dict(tp=1, pp=2, ckpt=str(saved))
     for i, run in enumerate(runs.values()):
-        run["out"] = str(root / f"logits{i}.pt")
+        run["out"] = str(root / f"output{i}.pt")
     for world in sorted({tp * pp for _, tp, pp, _ in runs}):
         launched = [run for (_, tp, pp, _), run in runs.items() if tp * pp == world]
-        run_distributed("tests.models.workers:megatron_logits", world, runs=launched, tokens=TOKENS)
+        run_distributed("tests.models.workers:megatron_outputs", world, runs=launched, tokens=TOKENS)
     return {key: torch.load(run["out"], weights_only=True) for key, run in runs.items()}
 
 
@@ -66,16 +66,16 @@ def hf_logits(model_dir, tokens=TOKENS) -> torch.Tensor:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(("tp", "pp"), list(LAYOUTS))
-def test_logits_match_transformers(tp, pp, logits, request):
+def test_logits_match_transformers(tp, pp, outputs, request):
     for m in LAYOUTS[tp, pp]:
-        got, want = logits[m, tp, pp, "default"], hf_logits(request.getfixturevalue(m))
+        got, want = outputs[m, tp, pp, "default"], hf_logits(request.getfixturevalue(m))
         assert got.shape == want.shape, m
         assert (got - want).abs().max().item() <= TOLERANCE, m
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(("tp", "pp"), list(CRITIC_LAYOUTS))
-def test_critic_values_are_its_value_head_on_the_checkpoints_final_hidden_states(tp, pp, logits, request):
+def test_critic_values_are_its_value_head_on_the_checkpoints_final_hidden_states(tp, pp, outputs, request):
     """PPO's critic built from a converted checkpoint holds the language model's trunk (tied embeddings untied) and
     its seeded value head: V at each position is that head on transformers' final-norm hidden states."""
     from transformers import AutoModelForCausalLM
@@ -86,7 +86,7 @@ def test_critic_values_are_its_value_head_on_the_checkpoints_final_hidden_states
         hf = AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(m)), dtype=torch.float32)
         with torch.no_grad():
             want = ValueHead(hf.config.hidden_size, torch.float32)(hf.model(torch.tensor(TOKENS)).last_hidden_state)[0]
-        got = logits[m, tp, pp, "value"]
+        got = outputs[m, tp, pp, "value"]
         assert got.shape == want.shape == (len(TOKENS), len(TOKENS[0])), m
         assert (got - want).abs().max().item() <= TOLERANCE and want.std() > 10 * TOLERANCE, m
 
@@ -112,17 +112,17 @@ def test_the_llama_fixture_is_a_llama_whose_rope_scaling_the_parity_test_would_n
 
 
 @pytest.mark.distributed
-def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(logits, tiny_untied):
+def test_checkpoint_written_at_tp2_loads_at_tp1_pp2(outputs, tiny_untied):
     """A checkpoint laid out for TP2 (written by megatron-core's own saver at TP2) reshards on load."""
-    converted, saved = logits["converted_tp2", 1, 2, "default"], logits["saved_tp2", 1, 2, "default"]
+    converted, saved = outputs["converted_tp2", 1, 2, "default"], outputs["saved_tp2", 1, 2, "default"]
     assert (converted - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE
     assert torch.equal(converted, saved)
 
 
 @pytest.mark.distributed
-def test_sdpa_attention_equals_the_default_attention(logits, tiny_untied):
+def test_sdpa_attention_equals_the_default_attention(outputs, tiny_untied):
     """The local spec with torch's scaled_dot_product_attention (GQA, causal) gives the default attention's logits
     (TP2 x PP2)."""
-    sdpa, default = logits["tiny_untied", 2, 2, "sdpa"], logits["tiny_untied", 2, 2, "default"]
+    sdpa, default = outputs["tiny_untied", 2, 2, "sdpa"], outputs["tiny_untied", 2, 2, "default"]
     assert (sdpa - default).abs().max().item() <= 1e-5
     assert (sdpa - hf_logits(tiny_untied)).abs().max().item() <= TOLERANCE

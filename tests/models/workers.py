@@ -7,16 +7,16 @@ from pathlib import Path
 import torch
 
 
-def megatron_logits(runs: list[dict], tokens: list[list[int]]) -> None:
+def megatron_outputs(runs: list[dict], tokens: list[list[int]]) -> None:
     """Each run (``tp``, ``pp``, ``ckpt``, ``out``, optionally ``attention`` and ``value_head``) in turn, in the same
     processes: initialise its layout (replacing the previous one), load ``ckpt`` at TP x PP, run the pipeline
     schedule forward, save the full-vocab float32 logits of the last stage to ``out`` (``value_head``: PPO's critic
     built from ``ckpt``, its values [b, s]). One launch serves every run of a world size."""
     for run in runs:
-        _save_logits(tokens=tokens, **run)
+        _save_output(tokens=tokens, **run)
 
 
-def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]], attention: str = "default",
+def _save_output(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]], attention: str = "default",
                  value_head: bool = False) -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -42,9 +42,9 @@ def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]],
 
         def collect(output_tensor):
             if value_head:  # replicated on every TP rank: nothing to gather
-                return output_tensor.sum() * 0, {"logits": output_tensor.float().cpu()}
+                return output_tensor.sum() * 0, {"output": output_tensor.float().cpu()}
             full = tensor_parallel.gather_from_tensor_model_parallel_region(output_tensor)
-            return output_tensor.sum() * 0, {"logits": full[..., : arch.vocab_size].float().cpu()}
+            return output_tensor.sum() * 0, {"output": full[..., : arch.vocab_size].float().cpu()}
 
         return output, collect
 
@@ -59,7 +59,7 @@ def _save_logits(tp: int, pp: int, ckpt: str, out: str, tokens: list[list[int]],
             forward_only=True,
         )
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        torch.save(results[0]["logits"], out)
+        torch.save(results[0]["output"], out)
 
 
 def save_live_model(ckpt_in: str, ckpt_out: str, tp: int, pp: int) -> None:
